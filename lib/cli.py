@@ -1,0 +1,134 @@
+"""``salience`` command: list, validate, run notebooks, build the report, prepare the model zoo, store nbval outputs.
+
+    salience list                              notebooks, their parameter sets and last status
+    salience validate [NB ...] [--params SET]  check parameter files, run nothing
+    salience run [NB ...] [--params SET] [-p key=value ...] [-j N] [--timeout S] [--no-report]
+    salience report                            rebuild outputs/report/index.html
+    salience zoo prepare [NAME ...]            convert the embedded models into the cache (once)
+    salience store NB [NB ...]                 execute a notebook in place on its defaults (the outputs nbval checks)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from .params import DEFAULT_SET, ParamsError, param_sets
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ParamsError(f"-p expects key=value, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)  # YAML typing: 0.1 → float, [1, 2] → list
+    return out
+
+
+def cmd_list(args) -> int:
+    from .paths import outputs_dir
+    from .runner import available_notebooks
+
+    for name in available_notebooks():
+        sets = []
+        for s in param_sets(name):
+            status = "not run"
+            for folder, label in ((f"{s}.failed", "FAILED"), (s, None)):
+                record = outputs_dir() / name / folder / "run.json"
+                if record.is_file():
+                    verdict = (json.loads(record.read_text()).get("verdict") or {}).get("label")
+                    status = label or (f"ok, verdict: {verdict}" if verdict else "ok")
+                    break
+            sets.append(f"{s} ({status})")
+        print(f"{name:32s} {', '.join(sets)}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .runner import plan
+
+    specs = plan(args.notebooks or None, args.params, _overrides(args.p))
+    for spec in specs:
+        print(f"ok  {spec.notebook} [{spec.param_set}]")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .runner import plan, run_many, summary
+
+    specs = plan(args.notebooks or None, args.params, _overrides(args.p), args.timeout)
+    outcomes = run_many(specs, jobs=args.jobs)
+    print(summary(outcomes))
+    if not args.no_report:
+        from .report import build_report
+
+        print(f"report: {build_report()}")
+    return 0 if all(o.status == "ok" for o in outcomes) else 1
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    print(f"report: {build_report()}")
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    from .models import prepare_zoo
+
+    for name, path in prepare_zoo(args.names or None, progress=True).items():
+        print(f"{name:18s} {path}")
+    return 0
+
+
+def cmd_store(args) -> int:
+    from .notebooks import store_outputs
+
+    for name in args.notebooks:
+        print(f"stored {store_outputs(name)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="salience", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="notebooks, parameter sets, last status").set_defaults(func=cmd_list)
+    for name, func, help_ in (("validate", cmd_validate, "check parameter files"), ("run", cmd_run, "run notebooks")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("notebooks", nargs="*", help="notebook names (default: all)")
+        p.add_argument("--params", default=DEFAULT_SET, help="parameter set: params/<nb>.<SET>.yaml (default: the embedded CPU set)")
+        p.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
+        if name == "run":
+            p.add_argument("-j", "--jobs", type=int, default=1, help="notebooks run in parallel processes")
+            p.add_argument("--timeout", type=float, default=900.0, help="seconds per notebook (default 900)")
+            p.add_argument("--no-report", action="store_true", help="skip rebuilding the HTML report")
+        p.set_defaults(func=func)
+    sub.add_parser("report", help="rebuild the HTML report").set_defaults(func=cmd_report)
+    zoo = sub.add_parser("zoo", help="model zoo")
+    zoo.add_argument("action", choices=["prepare"])
+    zoo.add_argument("names", nargs="*")
+    zoo.set_defaults(func=cmd_zoo)
+    store = sub.add_parser("store", help="execute notebooks in place on their defaults (nbval's reference outputs)")
+    store.add_argument("notebooks", nargs="+")
+    store.set_defaults(func=cmd_store)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ParamsError, ValueError) as err:
+        print(f"salience: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("salience: interrupted; previous results are untouched", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

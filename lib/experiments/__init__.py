@@ -1,0 +1,25 @@
+"""One module per notebook: its typed parameters and the analysis it runs, so the notebook stays thin.
+
+``NOTEBOOKS`` maps a notebook name (file stem under ``notebooks/``) to its module; each module defines ``Params``
+(a :class:`~salience.params.NotebookParams`), ``TITLE`` and ``CLAIM``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+NOTEBOOKS: dict[str, str] = {
+    "kv-normalized-attention": "salience.experiments.kv_normalized_attention",
+}
+
+
+def experiment_module(notebook: str) -> ModuleType:
+    try:
+        return importlib.import_module(NOTEBOOKS[notebook])
+    except KeyError:
+        raise ValueError(f"unknown notebook {notebook!r}; available: {', '.join(sorted(NOTEBOOKS))}") from None
+
+
+def params_class(notebook: str):
+    return experiment_module(notebook).Params

@@ -1,0 +1,7 @@
+"""Harnesses own the model surgery and prove it happened (cache lengths, kept-token counts)."""
+
+from .attention_capture import CAPTURE, capture_attention
+from .kv_prefill import prefill_scores
+from .kv_streaming import StreamResult, stream_perplexity
+
+__all__ = ["CAPTURE", "StreamResult", "capture_attention", "prefill_scores", "stream_perplexity"]

@@ -1,0 +1,125 @@
+"""Notebook parameters: one typed, validated object per notebook, loaded from ``params/<notebook>[.<set>].yaml``.
+
+Validation happens before any model loads. Errors are one line naming the file, the key and what is allowed, so a
+typo in a YAML file costs seconds, not a two-minute run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
+
+from .paths import params_dir
+
+DEFAULT_SET = "default"
+_HF_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class ParamsError(ValueError):
+    """A parameter file or value is invalid; the message is one line, fit for a terminal."""
+
+
+class NotebookParams(BaseModel):
+    """Base of every notebook's parameters: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    #: the notebook (file stem under notebooks/) these parameters belong to
+    notebook: ClassVar[str] = ""
+
+    seed: int = 0
+    device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "cpu" and not re.fullmatch(r"cuda(:\d+)?|mps", value):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
+
+    @classmethod
+    def from_namespace(cls, namespace: dict[str, Any]) -> "NotebookParams":
+        """Build from a notebook's globals (the papermill parameters cell), taking only declared fields."""
+        return validate_params(cls, {k: namespace[k] for k in cls.model_fields if k in namespace})
+
+
+def check_model_name(value: str) -> str:
+    """Accept an embedded model name, an existing local folder or a Hugging Face id ``org/name``."""
+    from .models import EMBEDDED_MODELS, embedded_name
+
+    if embedded_name(value) or Path(value).expanduser().is_dir() or _HF_ID.match(value):
+        return value
+    raise ValueError(
+        f"unknown model {value!r}: use an embedded name ({', '.join(EMBEDDED_MODELS)}), a local folder or a "
+        "Hugging Face id org/name"
+    )
+
+
+#: a model parameter: embedded name, local folder or Hugging Face id (checked before anything loads)
+ModelName = Annotated[str, AfterValidator(check_model_name)]
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key {key!r}")
+        elif not e["loc"]:  # a rule across several keys: its message names them
+            parts.append(msg)
+        else:
+            parts.append(f"{key}: {msg} (got {e.get('input')!r})")
+    return f"{source}: " + "; ".join(parts)
+
+
+def validate_params(cls: type[NotebookParams], values: dict[str, Any], source: str = "parameters") -> NotebookParams:
+    """Validate ``values`` against ``cls``; raise :class:`ParamsError` with one line on failure."""
+    try:
+        return cls.model_validate(values)
+    except ValidationError as err:
+        msg = _format_error(err, source)
+        if any(e["type"] == "extra_forbidden" for e in err.errors()):
+            msg += f" (allowed keys: {', '.join(cls.model_fields)})"
+        raise ParamsError(msg) from None
+
+
+def param_file(notebook: str, param_set: str = DEFAULT_SET) -> Path:
+    """``params/<notebook>.yaml`` for the default set, ``params/<notebook>.<set>.yaml`` otherwise."""
+    suffix = "" if param_set == DEFAULT_SET else f".{param_set}"
+    return params_dir() / f"{notebook}{suffix}.yaml"
+
+
+def param_sets(notebook: str) -> list[str]:
+    """Names of the parameter sets available for ``notebook`` (``default`` first)."""
+    sets = []
+    for path in sorted(params_dir().glob(f"{notebook}*.yaml")):
+        rest = path.name[len(notebook) : -len(".yaml")]
+        if rest == "":
+            sets.insert(0, DEFAULT_SET)
+        elif rest.startswith("."):
+            sets.append(rest[1:])
+    return sets
+
+
+def load_params(notebook: str, param_set: str = DEFAULT_SET, overrides: dict[str, Any] | None = None) -> NotebookParams:
+    """Read and validate a parameter set; ``overrides`` (e.g. from ``-p key=value``) win over the file."""
+    from .experiments import params_class
+
+    cls = params_class(notebook)
+    path = param_file(notebook, param_set)
+    if not path.is_file():
+        available = ", ".join(param_sets(notebook)) or "none"
+        raise ParamsError(f"{notebook}: no parameter set {param_set!r} ({path} missing); available: {available}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ParamsError(f"{path}: expected a mapping of parameter names to values, got {type(values).__name__}")
+    values.update(overrides or {})
+    return validate_params(cls, values, source=str(path.relative_to(path.parent.parent)))

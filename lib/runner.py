@@ -1,0 +1,244 @@
+"""Run notebooks headlessly with papermill: validated parameters, one process per run, atomic results.
+
+Each run executes in a child process (``python -m salience.runner --child SPEC``) so a per-notebook timeout can stop
+it, a crashed kernel cannot hang the batch, and ``-j N`` runs notebooks side by side. The child writes into a hidden
+temporary folder; only a finished run replaces ``outputs/<notebook>/<set>/``. A failed run lands in
+``<set>.failed/`` and leaves the previous good results in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .params import DEFAULT_SET, load_params
+from .paths import REPO_ROOT, notebooks_dir, outputs_dir
+from .runs import atomic_write_text, git_commit, package_versions
+
+DEFAULT_TIMEOUT_S = 900.0
+
+
+@dataclass
+class RunSpec:
+    notebook: str
+    param_set: str
+    params: dict[str, Any]
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+@dataclass
+class RunOutcome:
+    notebook: str
+    param_set: str
+    status: str  # ok | failed | timeout
+    folder: str
+    wall_time_s: float
+    error: dict[str, Any] | None = None
+    verdict: dict[str, str] | None = field(default=None)
+
+
+def available_notebooks() -> list[str]:
+    """Notebooks that have both a file under notebooks/ and an experiment module."""
+    from .experiments import NOTEBOOKS
+
+    return sorted(n for n in NOTEBOOKS if (notebooks_dir() / f"{n}.ipynb").is_file())
+
+
+def plan(
+    notebooks: list[str] | None,
+    param_set: str = DEFAULT_SET,
+    overrides: dict[str, Any] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> list[RunSpec]:
+    """Validate every requested run before any runs (raises ParamsError / ValueError with one line)."""
+    known = available_notebooks()
+    names = notebooks or known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown notebook(s) {', '.join(unknown)}; available: {', '.join(known)}")
+    specs = []
+    for name in names:
+        params = load_params(name, param_set, overrides)
+        specs.append(RunSpec(name, param_set, params.model_dump(mode="json"), timeout_s))
+    return specs
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` with renames only, so a reader never sees a half-written folder."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _failure_record(spec: RunSpec, error: dict[str, Any], started: float, wall: float) -> dict[str, Any]:
+    from .experiments import experiment_module
+
+    module = experiment_module(spec.notebook)
+    return {
+        "notebook": spec.notebook,
+        "param_set": spec.param_set,
+        "title": getattr(module, "TITLE", spec.notebook),
+        "claim": getattr(module, "CLAIM", ""),
+        "status": "failed",
+        "error": error,
+        "params": spec.params,
+        "seed": spec.params.get("seed"),
+        "device": spec.params.get("device", "cpu"),
+        "git_commit": git_commit(),
+        "versions": package_versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "wall_time_s": round(wall, 2),
+        "figures": [],
+        "tables": [],
+        "verdict": None,
+    }
+
+
+def execute(spec: RunSpec, *, show_progress: bool = True) -> RunOutcome:
+    """Run one notebook in a child process and move its results into place."""
+    base = outputs_dir() / spec.notebook
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.param_set}.tmp-", dir=base))
+    spec_file = tmp / ".spec.json"
+    spec_file.write_text(json.dumps({**asdict(spec), "output_dir": str(tmp), "progress": show_progress}))
+    log = open(tmp / ".log.txt", "w")
+    started = time.time()
+    cmd = [sys.executable, "-m", "salience.runner", "--child", str(spec_file)]
+    # a new session: on timeout the whole group (child and its kernel) is stopped together
+    out = None if show_progress else log
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=out, start_new_session=True)
+    error: dict[str, Any] | None = None
+    try:
+        proc.wait(timeout=spec.timeout_s)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        error = {"cell": None, "ename": "Timeout", "evalue": f"notebook exceeded {spec.timeout_s:.0f} s"}
+    except BaseException:
+        _stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        log.close()
+    wall = time.time() - started
+    result_file = tmp / ".result.json"
+    if error is None:
+        if result_file.is_file():
+            error = json.loads(result_file.read_text()).get("error")
+        else:
+            error = {"cell": None, "ename": "ChildFailed", "evalue": f"runner child exited with code {proc.returncode}"}
+    if error is None and not (tmp / "run.json").is_file():
+        error = {"cell": None, "ename": "NoRecord", "evalue": "the notebook finished without writing run.json"}
+
+    for hidden in (spec_file, result_file):
+        hidden.unlink(missing_ok=True)
+    if error is None:
+        record = json.loads((tmp / "run.json").read_text())
+        record.update(param_set=spec.param_set, wall_time_s=round(wall, 2))
+        atomic_write_text(tmp / "run.json", json.dumps(record, indent=2))
+        final = base / spec.param_set
+        _swap_in(tmp, final)
+        shutil.rmtree(base / f"{spec.param_set}.failed", ignore_errors=True)
+        return RunOutcome(spec.notebook, spec.param_set, "ok", str(final), round(wall, 1), None, record.get("verdict"))
+    (tmp / "run.json").unlink(missing_ok=True)
+    atomic_write_text(tmp / "run.json", json.dumps(_failure_record(spec, error, started, wall), indent=2))
+    final = base / f"{spec.param_set}.failed"
+    _swap_in(tmp, final)
+    status = "timeout" if error.get("ename") == "Timeout" else "failed"
+    return RunOutcome(spec.notebook, spec.param_set, status, str(final), round(wall, 1), error)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the child's process group, then SIGKILL whatever is left after ``grace_s``."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_many(specs: list[RunSpec], jobs: int = 1) -> list[RunOutcome]:
+    """Run ``specs`` (in parallel processes when ``jobs > 1``); a failure never stops the others."""
+    from tqdm.auto import tqdm
+
+    if jobs <= 1:
+        outcomes = []
+        for i, spec in enumerate(specs, 1):
+            print(f"[{i}/{len(specs)}] {spec.notebook} ({spec.param_set})", file=sys.stderr, flush=True)
+            outcomes.append(execute(spec, show_progress=True))
+            print(f"    -> {_line(outcomes[-1])}", file=sys.stderr, flush=True)
+        return outcomes
+    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(specs), desc="notebooks", unit="nb") as bar:
+        futures = [pool.submit(execute, spec, show_progress=False) for spec in specs]
+        outcomes = []
+        for future in futures:
+            outcomes.append(future.result())
+            bar.update(1)
+            bar.write(_line(outcomes[-1]))
+    return outcomes
+
+
+def _line(o: RunOutcome) -> str:
+    head = f"{o.status.upper():8s} {o.notebook} [{o.param_set}] {o.wall_time_s:.0f}s"
+    if o.error:
+        cell = f"cell {o.error['cell']}: " if o.error.get("cell") is not None else ""
+        return f"{head}  {cell}{o.error['ename']}: {o.error['evalue']}  (see {o.folder})"
+    verdict = f"  verdict: {o.verdict['label']}" if o.verdict else ""
+    return f"{head}{verdict}  -> {o.folder}"
+
+
+def summary(outcomes: list[RunOutcome]) -> str:
+    ok = sum(o.status == "ok" for o in outcomes)
+    lines = [f"{ok}/{len(outcomes)} notebook runs succeeded"] + ["  " + _line(o) for o in outcomes]
+    return "\n".join(lines)
+
+
+def _child(spec_file: str) -> int:
+    """Inside the child process: execute one notebook with papermill and write ``.result.json``."""
+    import papermill as pm
+
+    spec = json.loads(Path(spec_file).read_text())
+    out_dir = Path(spec["output_dir"])
+    os.environ["SALIENCE_PARAM_SET"] = spec["param_set"]  # the kernel inherits it; run.json records it
+    # SIGTERM from the parent's timeout → KeyboardInterrupt, so papermill shuts the kernel down on the way out
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    error = None
+    try:
+        pm.execute_notebook(
+            str(notebooks_dir() / f"{spec['notebook']}.ipynb"),
+            str(out_dir / "executed.ipynb"),
+            parameters={**spec["params"], "output_dir": str(out_dir)},
+            kernel_name="python3",
+            progress_bar=spec.get("progress", True),
+            cwd=str(notebooks_dir()),
+        )
+    except pm.PapermillExecutionError as err:
+        error = {"cell": err.exec_count, "ename": err.ename, "evalue": str(err.evalue).strip()[:2000]}
+    except KeyboardInterrupt:
+        error = {"cell": None, "ename": "Interrupted", "evalue": "stopped by the runner"}
+    except Exception as err:  # noqa: BLE001 - any failure becomes a recorded, reported outcome
+        error = {"cell": None, "ename": type(err).__name__, "evalue": str(err)[:2000]}
+    (out_dir / ".result.json").write_text(json.dumps({"error": error}))
+    return 0 if error is None else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        sys.exit(_child(sys.argv[2]))
+    sys.exit("usage: python -m salience.runner --child SPEC (use the `salience` command instead)")

@@ -1,0 +1,135 @@
+"""The scorer contract shared by every family (KV cache, vision tokens, explanation).
+
+A scorer is a small dataclass holding one rule. It reads an :class:`AttentionView` of one forward pass (or of a stream
+of passes, summarised) and returns importances, **higher means keep**, shaped ``(batch, heads, keys)``. Scorers declare
+what they read (``needs``) so a harness captures only that, and whether they are attention-free.
+
+Shapes used throughout:
+    B batch, H query heads, Q queries in the view, K keys in the view, D head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+#: Every capture a scorer may ask for.
+CAPTURES = frozenset({"attention", "key_mass", "keys", "values", "hidden", "gradients"})
+
+
+@dataclass
+class AttentionView:
+    """What a scorer may read about one forward pass over ``K`` keys.
+
+    Attributes:
+        key_positions: ``(K,)`` original token positions of the keys (after eviction they are not ``arange(K)``).
+        query_positions: ``(Q,)`` original positions of the queries whose attention the view holds.
+        attention: ``(B, H, Q, K)`` softmax probabilities, rows are queries; ``None`` when only a summary exists.
+        key_mass: ``(B, H, K)`` attention received by each key, summed over the queries the view stands for.
+            Harnesses that stream (or fused kernels) fill this instead of ``attention``.
+        visible_queries: ``(K,)`` number of queries that could see each key (the causal mask's column count).
+        keys, values: ``(B, H_kv, K, D)``; hidden: ``(B, K, d_model)``.
+        roles: optional named boolean masks over keys, e.g. ``{"sink": ..., "separator": ..., "cls": ...}``.
+        generator: seeded generator for stochastic scorers, so runs are reproducible.
+    """
+
+    key_positions: torch.Tensor
+    query_positions: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+    key_mass: torch.Tensor | None = None
+    visible_queries: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    roles: dict[str, torch.Tensor] = field(default_factory=dict)
+    generator: torch.Generator | None = None
+
+    @property
+    def num_keys(self) -> int:
+        return int(self.key_positions.shape[-1])
+
+    def batch_heads(self) -> tuple[int, int]:
+        """``(B, H)`` from whichever capture is present."""
+        for t in (self.attention, self.key_mass):
+            if t is not None:
+                return int(t.shape[0]), int(t.shape[1])
+        for t in (self.keys, self.values):
+            if t is not None:
+                return int(t.shape[0]), int(t.shape[1])
+        if self.hidden is not None:
+            return int(self.hidden.shape[0]), 1
+        raise ValueError("the view holds neither attention, key mass, keys, values nor hidden states")
+
+    def mass(self) -> torch.Tensor:
+        """``(B, H, K)`` attention received by each key, summed over queries."""
+        if self.key_mass is not None:
+            return self.key_mass
+        if self.attention is None:
+            raise ValueError("this scorer needs attention or key_mass, and the view has neither")
+        return self.attention.float().sum(dim=-2)
+
+    def visible(self) -> torch.Tensor:
+        """``(K,)`` number of queries that could attend to each key (≥ 1 for every key that was seen)."""
+        if self.visible_queries is not None:
+            return self.visible_queries
+        if self.query_positions is None:
+            raise ValueError("visible-query counts need query_positions or visible_queries in the view")
+        seen = self.query_positions[:, None] >= self.key_positions[None, :]
+        return seen.sum(dim=0)
+
+
+_REGISTRY: dict[str, type["Scorer"]] = {}
+
+
+@dataclass
+class Scorer:
+    """Base class: subclass, set ``name``/``needs``, implement :meth:`score`, decorate with :func:`register`."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: Streaming harnesses keep ``key_mass`` as a running sum; a scorer may ask for it decayed per query step.
+    mass_decay: ClassVar[float] = 1.0
+
+    @property
+    def attention_free(self) -> bool:
+        return not (self.needs & {"attention", "key_mass"})
+
+    def score(self, view: AttentionView) -> torch.Tensor:  # pragma: no cover - abstract
+        """Return ``(B, H, K)`` importances for the keys in ``view``; higher means keep."""
+        raise NotImplementedError
+
+    def __call__(self, view: AttentionView) -> torch.Tensor:
+        scores = self.score(view)
+        if scores.dim() != 3 or scores.shape[-1] != view.num_keys:
+            raise RuntimeError(
+                f"scorer {self.name!r} returned shape {tuple(scores.shape)}; the contract is (B, H, {view.num_keys})"
+            )
+        return scores
+
+
+def register(cls: type[Scorer]) -> type[Scorer]:
+    """Class decorator: make a scorer available by its ``name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a non-empty `name`")
+    unknown = cls.needs - CAPTURES
+    if unknown:
+        raise TypeError(f"{cls.__name__}.needs has unknown captures {sorted(unknown)}; known: {sorted(CAPTURES)}")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"scorer name {cls.name!r} is taken by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_scorers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_scorer(name: str, **params) -> Scorer:
+    """Instantiate a registered scorer by name; unknown names list the valid ones."""
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown scorer {name!r}; available: {', '.join(available_scorers())}") from None
+    return cls(**params)

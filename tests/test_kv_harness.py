@@ -1,0 +1,117 @@
+"""The KV harness on the real SmolLM2: it reproduces the uncompressed model, really evicts, and keeps positions right."""
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from salience.harness import capture_attention, prefill_scores, stream_perplexity
+from salience.models import load_model
+from salience.scorers import get_scorer
+
+pytestmark = pytest.mark.slow
+TEXT = (
+    "The history of the city begins in the Roman period, when a small fort was built beside the river crossing. "
+    "Over the following centuries the settlement grew into a market town, and by the twelfth century it had a "
+    "cathedral, a castle and a charter granting its citizens the right to hold a weekly market. The industrial "
+    "revolution brought mills, canals and later the railway, and the population grew tenfold in a hundred years."
+)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    bundle = load_model("smollm2-135m", attn_implementation="eager")
+    ids = bundle.processor(TEXT, return_tensors="pt").input_ids[:, :80]
+    return bundle.model, ids
+
+
+def full_nll(model, ids):
+    with torch.inference_mode():
+        logits = model(ids).logits
+    return float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
+
+
+@pytest.mark.parametrize("scorer", ["accumulated_attention", "recency"])
+def test_full_budget_reproduces_uncompressed_model(lm, scorer):
+    model, ids = lm
+    r = stream_perplexity(model, ids, get_scorer(scorer), budget=ids.shape[1], chunk_size=16)
+    assert r.evictions == 0 and r.n_predicted == ids.shape[1] - 1
+    assert r.nll_sum == pytest.approx(full_nll(model, ids), rel=1e-5)
+
+
+def test_eviction_holds_the_budget_in_every_layer(lm):
+    model, ids = lm
+    r = stream_perplexity(model, ids, get_scorer("normalized_attention"), budget=24, n_sink=4, recent_window=4,
+                          chunk_size=8)
+    n_layers = model.config.num_hidden_layers
+    assert r.evictions == len(r.cache_lengths) > 0
+    assert all(lengths == [24] * n_layers for lengths in r.cache_lengths)
+    kept = r.kept_positions
+    assert kept.shape == (n_layers, 24)
+    last = ids.shape[1] - 1
+    for layer in kept:
+        assert set(range(4)) <= set(layer.tolist())  # sinks
+        assert set(range(last - 3, last + 1)) <= set(layer.tolist())  # recent window
+    # compression costs something: perplexity is worse than the full cache
+    assert r.nll_sum > full_nll(model, ids)
+
+
+def test_compressed_cache_attends_causally_with_original_positions(lm):
+    """After an eviction, a chunk fed at once must give the same logits as the same tokens fed one by one.
+
+    This fails if the causal mask followed absolute positions instead of the compressed cache (a chunk would see its
+    own future) or if new tokens got cache-relative rotary positions.
+    """
+    model, ids = lm
+    prefix, chunk = ids[:, :40], ids[:, 40:48]
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(prefix, past_key_values=cache, use_cache=True)
+        keep = torch.tensor([0, 1, 2, 3] + list(range(20, 40)))
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+        c1, c2 = copy.deepcopy(cache), copy.deepcopy(cache)
+        pos = torch.arange(40, 48)[None]
+        together = model(chunk, past_key_values=c1, position_ids=pos, use_cache=True).logits
+        one_by_one = torch.cat([
+            model(chunk[:, i : i + 1], past_key_values=c2, position_ids=pos[:, i : i + 1], use_cache=True).logits
+            for i in range(chunk.shape[1])
+        ], dim=1)
+        wrong_pos = model(chunk, past_key_values=copy.deepcopy(cache), use_cache=True).logits  # positions 24..31
+    torch.testing.assert_close(together, one_by_one, atol=2e-4, rtol=1e-4)
+    assert (wrong_pos - together).abs().max() > 1e-2  # the check is sensitive to positions
+
+
+def test_prefill_scores_equal_eager_column_sums(lm):
+    model, ids = lm
+    ids = ids[:, :32]
+    scores = prefill_scores(model, ids, {"acc": get_scorer("accumulated_attention"),
+                                         "norm": get_scorer("normalized_attention")})
+    with torch.inference_mode():
+        eager = model(ids, output_attentions=True).attentions
+    colsum = torch.stack([a[0].float().sum(dim=-2) for a in eager])  # (L, H, T)
+    torch.testing.assert_close(scores["acc"], colsum, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scores["norm"], colsum / torch.arange(32, 0, -1), atol=1e-4, rtol=1e-4)
+
+
+def test_capture_restores_attention_implementation(lm):
+    model, ids = lm
+    before = model.config._attn_implementation
+    seen = []
+    with capture_attention(model, lambda layer, p, k, v: seen.append(layer)):
+        with torch.inference_mode():
+            model(ids[:, :8])
+    assert model.config._attn_implementation == before
+    assert seen == list(range(model.config.num_hidden_layers))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(budget=8, n_sink=4, recent_window=8), "exceed the budget"),
+    (dict(budget=0), "budget must be"),
+    (dict(budget=8, chunk_size=0), "chunk_size"),
+])
+def test_bad_arguments(lm, kwargs, match):
+    model, ids = lm
+    with pytest.raises(ValueError, match=match):
+        stream_perplexity(model, ids, get_scorer("recency"), **kwargs)

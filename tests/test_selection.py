@@ -1,0 +1,75 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from salience.selection import protected_mask, reduce_to_kv_heads, resolve_budget, select_topk
+
+
+def test_topk_keeps_highest_in_order():
+    scores = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2])
+    assert select_topk(scores, 2).tolist() == [1, 3]
+
+
+def test_protected_tokens_always_kept():
+    scores = torch.tensor([0.0, 0.0, 5.0, 4.0, 3.0, 0.0])
+    keep = protected_mask(torch.arange(6), n_sink=1, recent=1)
+    assert keep.tolist() == [True, False, False, False, False, True]
+    assert select_topk(scores, 3, keep).tolist() == [0, 2, 5]
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(2, 40), data=st.data())
+def test_budget_and_protection_property(k, data):
+    budget = data.draw(st.integers(1, k))
+    n_sink = data.draw(st.integers(0, budget))
+    recent = data.draw(st.integers(0, budget - n_sink))
+    scores = torch.tensor(data.draw(st.lists(st.floats(-5, 5), min_size=k, max_size=k)))
+    keep = protected_mask(torch.arange(k), n_sink=n_sink, recent=recent)
+    idx = select_topk(scores, budget, keep)
+    assert idx.numel() == budget and len(set(idx.tolist())) == budget
+    assert idx.tolist() == sorted(idx.tolist())
+    assert set(torch.nonzero(keep).flatten().tolist()) <= set(idx.tolist())
+    # every dropped unprotected token scores no higher than every kept unprotected one
+    kept = set(idx.tolist())
+    free_kept = [scores[i] for i in kept if not keep[i]]
+    dropped = [scores[i] for i in range(k) if i not in kept]
+    if free_kept and dropped:
+        assert max(dropped) <= min(free_kept)
+
+
+def test_batched_rows_select_independently():
+    scores = torch.tensor([[[1.0, 0.0, 2.0]], [[0.0, 3.0, 1.0]]])
+    assert select_topk(scores, 1).flatten().tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("budget,n,expected", [(0.5, 10, 5), (0.05, 10, 1), (1.0, 7, 7), (3, 10, 3)])
+def test_resolve_budget(budget, n, expected):
+    assert resolve_budget(budget, n) == expected
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.5, 1.2, 0, 11, "half", True])
+def test_resolve_budget_rejects(budget):
+    with pytest.raises(ValueError, match=r"\(0, 1\]|\[1, 10\]|ratio"):
+        resolve_budget(budget, 10)
+
+
+def test_errors_name_the_limits():
+    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+        select_topk(torch.zeros(3), 4)
+    with pytest.raises(ValueError, match="exceed the budget"):
+        select_topk(torch.zeros(5), 1, torch.tensor([True, True, False, False, False]))
+    with pytest.raises(ValueError, match="NaN"):
+        select_topk(torch.tensor([0.0, float("nan")]), 1)
+
+
+def test_gqa_reduction():
+    s = torch.arange(12.0).view(1, 6, 2)  # 6 query heads, 2 KV heads → groups of 3
+    mean = reduce_to_kv_heads(s, 2)
+    assert mean.shape == (1, 2, 2)
+    torch.testing.assert_close(mean[0, 0], s[0, :3].mean(0))
+    torch.testing.assert_close(reduce_to_kv_heads(s, 2, "max")[0, 1], s[0, 3:].amax(0))
+    shared = reduce_to_kv_heads(s, 2, "shared")
+    torch.testing.assert_close(shared[0, 0], shared[0, 1])
+    with pytest.raises(ValueError, match="multiple"):
+        reduce_to_kv_heads(s, 4)
