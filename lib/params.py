@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, fie
 from .paths import params_dir
 
 DEFAULT_SET = "default"
-_HF_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_HF_ID = re.compile(r"^(hf:)?[\w.-]+/[\w.-]+$")  # "hf:" bypasses the embedded aliases
 
 
 class ParamsError(ValueError):
@@ -122,4 +122,4 @@ def load_params(notebook: str, param_set: str = DEFAULT_SET, overrides: dict[str
     if not isinstance(values, dict):
         raise ParamsError(f"{path}: expected a mapping of parameter names to values, got {type(values).__name__}")
     values.update(overrides or {})
-    return validate_params(cls, values, source=str(path.relative_to(path.parent.parent)))
+    return validate_params(cls, values, source=f"{path.parent.name}/{path.name}")

@@ -29,4 +29,5 @@ def notebooks_dir() -> Path:
 
 
 def params_dir() -> Path:
-    return REPO_ROOT / "params"
+    """Parameter sets: ``$SALIENCE_PARAMS`` or ``<repo>/params``."""
+    return Path(os.environ.get("SALIENCE_PARAMS") or REPO_ROOT / "params")

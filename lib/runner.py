@@ -30,9 +30,14 @@ DEFAULT_TIMEOUT_S = 900.0
 
 @dataclass
 class RunSpec:
+    """One validated run: which notebook file, which parameter set, the parameters, the time limit."""
+
     notebook: str
     param_set: str
     params: dict[str, Any]
+    path: str
+    title: str = ""
+    claim: str = ""
     timeout_s: float = DEFAULT_TIMEOUT_S
 
 
@@ -66,10 +71,14 @@ def plan(
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown notebook(s) {', '.join(unknown)}; available: {', '.join(known)}")
+    from .experiments import experiment_module
+
     specs = []
     for name in names:
         params = load_params(name, param_set, overrides)
-        specs.append(RunSpec(name, param_set, params.model_dump(mode="json"), timeout_s))
+        module = experiment_module(name)
+        specs.append(RunSpec(name, param_set, params.model_dump(mode="json"), str(notebooks_dir() / f"{name}.ipynb"),
+                             module.TITLE, module.CLAIM, timeout_s))
     return specs
 
 
@@ -83,14 +92,11 @@ def _swap_in(tmp: Path, final: Path) -> None:
 
 
 def _failure_record(spec: RunSpec, error: dict[str, Any], started: float, wall: float) -> dict[str, Any]:
-    from .experiments import experiment_module
-
-    module = experiment_module(spec.notebook)
     return {
         "notebook": spec.notebook,
         "param_set": spec.param_set,
-        "title": getattr(module, "TITLE", spec.notebook),
-        "claim": getattr(module, "CLAIM", ""),
+        "title": spec.title or spec.notebook,
+        "claim": spec.claim,
         "status": "failed",
         "error": error,
         "params": spec.params,
@@ -197,7 +203,7 @@ def run_many(specs: list[RunSpec], jobs: int = 1) -> list[RunOutcome]:
 def _line(o: RunOutcome) -> str:
     head = f"{o.status.upper():8s} {o.notebook} [{o.param_set}] {o.wall_time_s:.0f}s"
     if o.error:
-        cell = f"cell {o.error['cell']}: " if o.error.get("cell") is not None else ""
+        cell = f"cell [{o.error['cell']}] of executed.ipynb: " if o.error.get("cell") is not None else ""
         return f"{head}  {cell}{o.error['ename']}: {o.error['evalue']}  (see {o.folder})"
     verdict = f"  verdict: {o.verdict['label']}" if o.verdict else ""
     return f"{head}{verdict}  -> {o.folder}"
@@ -221,15 +227,18 @@ def _child(spec_file: str) -> int:
     error = None
     try:
         pm.execute_notebook(
-            str(notebooks_dir() / f"{spec['notebook']}.ipynb"),
+            spec["path"],
             str(out_dir / "executed.ipynb"),
             parameters={**spec["params"], "output_dir": str(out_dir)},
             kernel_name="python3",
             progress_bar=spec.get("progress", True),
-            cwd=str(notebooks_dir()),
+            cwd=str(Path(spec["path"]).parent),
         )
     except pm.PapermillExecutionError as err:
-        error = {"cell": err.exec_count, "ename": err.ename, "evalue": str(err.evalue).strip()[:2000]}
+        # exec_count numbers cells as the executed notebook shows them ([N]), papermill's injected cell included
+        first_line = next((ln for ln in (err.source or "").splitlines() if ln.strip()), "")
+        error = {"cell": err.exec_count, "ename": err.ename, "evalue": str(err.evalue).strip()[:2000],
+                 "source": first_line[:200]}
     except KeyboardInterrupt:
         error = {"cell": None, "ename": "Interrupted", "evalue": "stopped by the runner"}
     except Exception as err:  # noqa: BLE001 - any failure becomes a recorded, reported outcome

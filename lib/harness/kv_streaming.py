@@ -11,6 +11,7 @@ lengths; :class:`StreamResult` carries them.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -128,32 +129,33 @@ def stream_perplexity(
         layers[layer_idx].absorb(probs, chunk_positions, decay)
 
     needs_attention = _needs_attention(scorer)
-    for start in range(0, total, chunk_size):
-        stop = min(start + chunk_size, total)
-        chunk_positions = torch.arange(start, stop, device=device)
-        kwargs = dict(past_key_values=cache, position_ids=chunk_positions[None], use_cache=True)
-        if needs_attention:
-            with capture_attention(model, on_attention):
-                logits = model(input_ids[:, start:stop], **kwargs).logits
-        else:
-            logits = model(input_ids[:, start:stop], **kwargs).logits
-            for state in layers:
-                state.append_positions(chunk_positions)
-        targets = input_ids[0, start + 1 : stop + 1]
-        logprobs = torch.log_softmax(logits[0, : targets.shape[0]].float(), dim=-1)
-        result.nll_sum -= float(logprobs.gather(-1, targets[:, None]).sum())
-        result.n_predicted += int(targets.shape[0])
-
-        if cache.get_seq_length() > budget:
-            _evict(cache, layers, scorer, budget, n_sink, recent_window, stop - 1, generator)
-            lengths = [cache.layers[i].keys.shape[-2] for i in range(num_layers)]
-            if any(n != budget for n in lengths):
-                raise RuntimeError(f"eviction left cache lengths {lengths}, expected {budget} in every layer")
-            result.cache_lengths.append(lengths)
-            result.evictions += 1
-            result.max_cache_len = max(result.max_cache_len, max(lengths))
+    with capture_attention(model, on_attention) if needs_attention else nullcontext():
+        for start in range(0, total, chunk_size):
+            stop = min(start + chunk_size, total)
+            chunk_positions = torch.arange(start, stop, device=device)
+            logits = model(input_ids[:, start:stop], past_key_values=cache, position_ids=chunk_positions[None],
+                           use_cache=True).logits
+            if not needs_attention:
+                for state in layers:
+                    state.append_positions(chunk_positions)
+            _add_nll(result, logits, input_ids[0, start + 1 : stop + 1])
+            if cache.get_seq_length() > budget:
+                _evict(cache, layers, scorer, budget, n_sink, recent_window, stop - 1, generator)
+                lengths = [cache.layers[i].keys.shape[-2] for i in range(num_layers)]
+                if any(n != budget for n in lengths):
+                    raise RuntimeError(f"eviction left cache lengths {lengths}, expected {budget} in every layer")
+                result.cache_lengths.append(lengths)
+                result.evictions += 1
+                result.max_cache_len = max(result.max_cache_len, max(lengths))
     result.kept_positions = torch.stack([s.positions for s in layers]) if result.evictions else None
     return result
+
+
+def _add_nll(result: StreamResult, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Add the NLL of the next tokens this chunk predicts (the last chunk has one target fewer than positions)."""
+    logprobs = torch.log_softmax(logits[0, : targets.shape[0]].float(), dim=-1)
+    result.nll_sum -= float(logprobs.gather(-1, targets[:, None]).sum())
+    result.n_predicted += int(targets.shape[0])
 
 
 def _evict(cache, layers, scorer, budget, n_sink, recent_window, newest, generator) -> None:

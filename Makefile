@@ -1,0 +1,37 @@
+# The workbook's common tasks. Every target installs what it needs first (scripts/setup.sh, idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+JOBS ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: setup run report test test-fast lab store clean-outputs
+
+setup:
+	@bash scripts/setup.sh
+
+## run: every notebook on its embedded default parameters, then the HTML report (outputs/report/index.html)
+run: setup
+	$(VENV)/bin/salience run -j $(JOBS)
+
+report: setup
+	$(VENV)/bin/salience report
+
+## test: unit and property tests, Triton kernels under the interpreter, nbval over the notebooks' stored outputs
+test: setup
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
+		--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900 $(PYTEST_ARGS)
+
+## test-fast: skip what loads real models or a browser
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow and not browser" $(PYTEST_ARGS)
+
+## lab: JupyterLab on notebooks/ with the package importable
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+## store NB=name: re-execute a notebook in place on its defaults (the outputs nbval compares)
+store: setup
+	$(VENV)/bin/salience store $(NB)
+
+clean-outputs:
+	rm -rf outputs/*/ outputs/report

@@ -1,0 +1,75 @@
+"""Bad parameters stop a run before anything loads: one line naming the key and what is allowed; outputs untouched."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from salience.experiments.kv_normalized_attention import Params
+from salience.params import ParamsError, load_params, param_sets, validate_params
+from salience.paths import REPO_ROOT
+
+NB = "kv-normalized-attention"
+
+
+@pytest.mark.parametrize("values,needle", [
+    ({"budgetz": [0.1]}, "unknown key 'budgetz' (allowed keys: seed, device, model"),
+    ({"budgets": [0.1, 1.5]}, "budgets: every budget must be a ratio in (0, 1]"),
+    ({"n_documents": "two"}, "n_documents: Input should be a valid integer"),
+    ({"model": "not-a-model"}, "use an embedded name (smollm2-135m"),
+    ({"dataset": "imdb"}, "dataset: Input should be 'wikipedia' or 'news'"),
+    ({"scorers": ["h2o"]}, "'accumulated_attention', 'normalized_attention'"),
+    ({"n_sink": 40, "recent_window": 8}, "must hold n_sink + recent_window = 48"),
+    ({"device": "gpu"}, "device must be cpu, cuda, cuda:N or mps"),
+])
+def test_one_line_errors(values, needle):
+    with pytest.raises(ParamsError) as err:
+        validate_params(Params, values, "params/x.yaml")
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg and msg.startswith("params/x.yaml: ")
+
+
+def test_every_shipped_parameter_set_validates():
+    for name in param_sets(NB):
+        load_params(NB, name)
+    assert param_sets(NB)[0] == "default" and "gpu" in param_sets(NB)
+
+
+def test_model_accepts_hf_ids_and_local_folders(tmp_path):
+    assert validate_params(Params, {"model": "HuggingFaceTB/SmolLM2-360M"}).model == "HuggingFaceTB/SmolLM2-360M"
+    assert validate_params(Params, {"model": str(tmp_path)}).model == str(tmp_path)
+
+
+def _snapshot(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*")) if folder.exists() else []
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "salience.cli", *args], capture_output=True, text=True, cwd=REPO_ROOT,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_bad_parameter_file_changes_nothing(tmp_path):
+    params = tmp_path / "params"
+    shutil.copytree(REPO_ROOT / "params", params)
+    (params / f"{NB}.yaml").write_text((params / f"{NB}.yaml").read_text() + "budgetz: [0.5]\n")
+    outputs = tmp_path / "outputs"
+    (outputs / NB / "default").mkdir(parents=True)
+    (outputs / NB / "default" / "run.json").write_text("{}")
+    before = _snapshot(outputs)
+    proc = _cli("run", NB, env={"SALIENCE_PARAMS": str(params), "SALIENCE_OUTPUTS": str(outputs)})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown key 'budgetz'" in lines[0] and f"params/{NB}.yaml" in lines[0]
+    assert _snapshot(outputs) == before
+
+
+def test_bad_override_and_unknown_set(tmp_path):
+    env = {"SALIENCE_OUTPUTS": str(tmp_path / "outputs")}
+    proc = _cli("validate", NB, "-p", "budgets=[0.1, 2]", env=env)
+    assert proc.returncode == 2 and "budgets" in proc.stderr and "(0, 1]" in proc.stderr
+    proc = _cli("run", NB, "--params", "tpu", env=env)
+    assert proc.returncode == 2 and "no parameter set 'tpu'" in proc.stderr and "default, gpu" in proc.stderr
+    assert not (tmp_path / "outputs").exists()

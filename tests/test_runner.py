@@ -1,0 +1,113 @@
+"""The runner on tiny throwaway notebooks: success, failure, timeout; atomic folders; previous results kept."""
+
+import json
+import time
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from salience import runner
+from salience.runner import RunSpec, execute, run_many, summary
+
+PARAMS_CELL = "x = 1\noutput_dir = None"
+RECORD_CELL = """
+from salience.params import NotebookParams
+from salience.runs import start_run
+
+class P(NotebookParams):
+    notebook = "tiny"
+    x: int = 1
+
+run = start_run(P(x=x), output_dir, title="Tiny", claim="x is positive")
+"""
+FINISH_CELL = """
+import pandas as pd
+run.save_table(pd.DataFrame({"x": [x]}), "x", "the parameter", key=True)
+run.conclude("supported" if x > 0 else "not supported", f"x = {x}", f"### Findings\\nx = {x}")
+run.finish()
+"""
+
+
+def make_notebook(path, middle: str = "") -> str:
+    cells = [new_code_cell(PARAMS_CELL), new_code_cell(RECORD_CELL)]
+    cells[0].metadata["tags"] = ["parameters"]
+    if middle:
+        cells.append(new_code_cell(middle))
+    cells.append(new_code_cell(FINISH_CELL))
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return str(path)
+
+
+@pytest.fixture
+def outputs(tmp_path, monkeypatch):
+    out = tmp_path / "outputs"
+    monkeypatch.setenv("SALIENCE_OUTPUTS", str(out))
+    return out
+
+
+def spec(path, x=1, timeout=120.0):
+    return RunSpec("tiny", "default", {"x": x}, path, "Tiny", "x is positive", timeout)
+
+
+def test_success_then_failure_keeps_previous_results(tmp_path, outputs):
+    good = make_notebook(tmp_path / "good.ipynb")
+    first = execute(spec(good, x=3), show_progress=False)
+    assert first.status == "ok", first.error
+    record = json.loads((outputs / "tiny/default/run.json").read_text())
+    assert record["status"] == "ok" and record["params"] == {"seed": 0, "device": "cpu", "x": 3}
+    assert record["param_set"] == "default" and record["verdict"]["label"] == "supported"
+    assert (outputs / "tiny/default/executed.ipynb").is_file()
+    assert (outputs / "tiny/default/tables/01-x.csv").read_text().splitlines() == ["x", "3"]
+
+    bad = make_notebook(tmp_path / "bad.ipynb", middle="raise RuntimeError('boom in the middle')")
+    second = execute(spec(bad, x=5), show_progress=False)
+    assert second.status == "failed"
+    assert second.error["ename"] == "RuntimeError" and "boom" in second.error["evalue"]
+    # [4] in the executed notebook: papermill's injected-parameters cell comes before it
+    assert second.error["cell"] == 4 and second.error["source"] == "raise RuntimeError('boom in the middle')"
+    failed = json.loads((outputs / "tiny/default.failed/run.json").read_text())
+    assert failed["status"] == "failed" and failed["error"]["ename"] == "RuntimeError"
+    # the last good run is untouched
+    assert json.loads((outputs / "tiny/default/run.json").read_text())["params"]["x"] == 3
+    assert not [p for p in (outputs / "tiny").iterdir() if p.name.startswith(".")]  # no temp folders left
+
+    third = execute(spec(good, x=4), show_progress=False)
+    assert third.status == "ok"
+    assert not (outputs / "tiny/default.failed").exists()  # a good run clears the failure
+
+
+def test_timeout_stops_the_run(tmp_path, outputs):
+    slow = make_notebook(tmp_path / "slow.ipynb", middle="import time\ntime.sleep(120)")
+    start = time.time()
+    outcome = execute(spec(slow, timeout=15.0), show_progress=False)
+    assert outcome.status == "timeout"
+    assert time.time() - start < 60
+    assert not (outputs / "tiny/default").exists()
+    assert json.loads((outputs / "tiny/default.failed/run.json").read_text())["error"]["ename"] == "Timeout"
+
+
+def test_notebook_without_record_is_a_failure(tmp_path, outputs):
+    nb = new_notebook(cells=[new_code_cell("output_dir = None\nx = 1")])
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "silent.ipynb")
+    outcome = execute(spec(str(tmp_path / "silent.ipynb")), show_progress=False)
+    assert outcome.status == "failed" and outcome.error["ename"] == "NoRecord"
+
+
+def test_batch_goes_on_after_a_failure_in_parallel(tmp_path, outputs):
+    good = make_notebook(tmp_path / "good.ipynb")
+    bad = make_notebook(tmp_path / "bad.ipynb", middle="1/0")
+    specs = [spec(bad), RunSpec("tiny2", "default", {"x": 1}, good, "Tiny", "", 120.0)]
+    outcomes = run_many(specs, jobs=2)
+    assert [o.status for o in outcomes] == ["failed", "ok"]
+    text = summary(outcomes)
+    assert "1/2 notebook runs succeeded" in text and "ZeroDivisionError" in text and "cell [4]" in text
+
+
+def test_plan_rejects_unknown_notebooks():
+    with pytest.raises(ValueError, match="available: .*kv-normalized-attention"):
+        runner.plan(["no-such-notebook"])
