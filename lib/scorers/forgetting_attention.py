@@ -20,8 +20,8 @@ class ForgettingAttention(Scorer):
     Parameters:
         factor: forgetting factor in (0, 1]; 1 recovers H2O's accumulated attention.
 
-    Reads ``attention (B, H, Q, K)`` with ``query_positions``, or a streamed ``key_mass`` that the harness decayed by
-    ``mass_decay`` per query (the harness honours :attr:`mass_decay`); returns ``(B, H, K)``.
+    Reads a streamed ``key_mass`` that the harness decayed by ``mass_decay`` per query (preferred when present), or
+    ``attention (B, H, Q, K)`` with ``query_positions``; returns ``(B, H, K)``.
     """
 
     name = "forgetting_attention"
@@ -37,8 +37,10 @@ class ForgettingAttention(Scorer):
         return self.factor
 
     def score(self, view: AttentionView) -> torch.Tensor:
+        if view.key_mass is not None:
+            return view.key_mass  # a streaming harness decayed it by ``mass_decay`` per query
         if view.attention is None:
-            return view.mass()  # already decayed by the streaming harness
+            raise ValueError("forgetting_attention needs attention or a decayed key_mass")
         if view.query_positions is None:
             raise ValueError("forgetting_attention needs query_positions to weight each query's attention")
         age = (view.query_positions.max() - view.query_positions).to(torch.float32)

@@ -1,0 +1,336 @@
+#!/usr/bin/env python
+"""Benchmark scored attention against eager attention + column sum and against SDPA without scores.
+
+    python benchmarks/bench_scored_attention.py --device cpu                       # 512 ... 8192
+    python benchmarks/bench_scored_attention.py --device cuda --lengths 1024 8192 32768 131072
+
+Methods (causal self-attention, B=1, GQA heads, key mass summed over all queries):
+  scored  salience.kernels.scored_attention: the blockwise path on CPU, the Triton path on CUDA.
+  eager   what transformers' eager attention does: repeat K/V, full score matrix plus additive causal mask, float32
+          softmax, P @ V; then the key mass as P's column sums.
+  sdpa    torch.nn.functional.scaled_dot_product_attention(is_causal=True): output only, no scores. K/V are
+          repeated to H_q heads before timing so that the flash kernel is eligible (not counted).
+
+What is measured:
+  time_ms   median wall time of ``--repeats`` calls after ``--warmup`` calls (CUDA: synchronised).
+  peak_mib  CPU: growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) during the
+            first full-size call of a fresh subprocess per configuration, i.e. all memory the call touched beyond the
+            inputs, torch allocations included (tracemalloc would not see them). One call on 64-token inputs runs
+            before it so that library code pages and thread pools are not counted.
+            CUDA: torch.cuda.max_memory_allocated() during one call minus the memory allocated before it.
+  load_avg_1m  the machine's 1-minute load average after the configuration ran (timings on a shared machine
+            are only as good as this number).
+  diff_out / diff_mass  max |out - out_eager| and max |key_mass - column sums of eager P| (empty when eager did not
+            run); diff_mass_rel divides by max |column sums|.
+
+Results go to a printed table and a CSV (default benchmarks/results/scored_attention_<device>.csv). The shared
+measurement helpers here are also used by bench_lightning_attention.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+# --------------------------------------------------------------------------------------------- measurement helpers
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def cpu_peak_mib(fn) -> tuple[float, object]:
+    """Peak RSS growth (MiB) while ``fn()`` runs; returns it with ``fn``'s result. Call it before any warm-up, in a
+    fresh process, so that allocator caches do not hide the memory the call needs."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back to the OS so the baseline is honest
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    before = _proc_status_kib("VmRSS")
+    result = fn()
+    return (_proc_status_kib("VmHWM") - before) / 1024, result
+
+
+def cuda_peak_mib(fn) -> tuple[float, object]:
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20, result
+
+
+def median_time_ms(fn, *, device: str, warmup: int, repeats: int) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run_worker_subprocess(script: str, spec: dict, timeout: float) -> dict:
+    """Run one configuration in a fresh interpreter (CPU memory numbers need a clean process)."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, script, "--worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout>{timeout:.0f}s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"status": "killed (out of memory?)" if proc.returncode < 0 else f"error: {tail[:80]}"}
+    return json.loads(lines[-1])
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e5 else f"{value:.2f}"
+        return "" if value is None else str(value)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)  # atomic: a killed run never leaves half a CSV
+
+
+def environment(threads: int | None = None) -> dict:
+    import platform
+
+    import torch
+
+    info = {"torch": torch.__version__, "threads": threads or torch.get_num_threads(), "cores": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "machine": platform.machine()}  # fmt: skip
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+# --------------------------------------------------------------------------------------------- the three methods
+def eager_attention_with_column_sum(q, k, v):
+    """transformers' eager attention (LlamaAttention + eager_attention_forward, causal) plus P's column sums."""
+    import torch
+
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    n_q, n_k = q.shape[2], k.shape[2]
+    causal = torch.full((n_q, n_k), torch.finfo(q.dtype).min, dtype=q.dtype, device=q.device).triu(1 + n_k - n_q)
+    weights = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + causal
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+    return weights @ v, weights.sum(dim=-2, dtype=torch.float32)
+
+
+def make_method(name: str, q, k, v):
+    import torch.nn.functional as F
+
+    from salience.kernels import scored_attention
+
+    if name == "scored":
+        return lambda: scored_attention(q, k, v, causal=True, mass="all")[::2]  # (out, key_mass)
+    if name == "eager":
+        return lambda: eager_attention_with_column_sum(q, k, v)
+    if name == "sdpa":
+        group = q.shape[1] // k.shape[1]
+        k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return lambda: (F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True), None)
+    raise ValueError(f"unknown method {name!r}; choose from scored, eager, sdpa")
+
+
+def measure(spec: dict) -> dict:
+    """One configuration: memory of the first call, then the median time; saves outputs for the equality check."""
+    import torch
+
+    torch.manual_seed(0)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device, dtype = spec["device"], getattr(torch, spec["dtype"])
+    b, h, h_kv, n, d = spec["batch"], spec["heads"], spec["kv_heads"], spec["n"], spec["head_dim"]
+    # A call on tiny inputs first: pages in the library code, starts thread pools and compiles Triton kernels, so
+    # that the measured peak is the memory this size needs, not one-off start-up costs.
+    make_method(spec["method"], *(torch.randn(b, hh, 64, d, device=device, dtype=dtype) for hh in (h, h_kv, h_kv)))()
+    # Inputs created directly in their dtype: no freed temporaries the measured call could silently reuse.
+    q = torch.randn(b, h, n, d, device=device, dtype=dtype)
+    k = torch.randn(b, h_kv, n, d, device=device, dtype=dtype)
+    v = torch.randn(b, h_kv, n, d, device=device, dtype=dtype)
+    fn = make_method(spec["method"], q, k, v)
+    peak = cuda_peak_mib if device == "cuda" else cpu_peak_mib
+    peak_mib, (out, mass) = peak(fn)
+    if spec.get("save"):
+        torch.save({"out": out.cpu(), "mass": None if mass is None else mass.cpu()}, spec["save"])
+    del out, mass
+    ms = median_time_ms(fn, device=device, warmup=spec["warmup"], repeats=spec["repeats"])
+    return {"status": "ok", "time_ms": ms, "peak_mib": peak_mib, "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def run_one(spec: dict, script: str, timeout: float) -> dict:
+    if spec["device"] == "cpu":
+        return run_worker_subprocess(script, spec, timeout)
+    import torch
+
+    try:
+        return measure(spec)
+    except torch.cuda.OutOfMemoryError:
+        return {"status": "OOM"}
+    finally:
+        torch.cuda.empty_cache()
+
+
+def eager_bytes(spec: dict) -> int:
+    """Eager's live score-sized buffers at its peak (scores, masked scores, float32 softmax, cast copy) + mask."""
+    import torch
+
+    elt = torch.finfo(getattr(torch, spec["dtype"])).bits // 8
+    n2 = spec["n"] ** 2
+    return spec["batch"] * spec["heads"] * n2 * (2 * elt + 4 + elt) + n2 * elt
+
+
+def compare(saved: dict[str, str]) -> dict:
+    """max |out - eager| and max |key_mass - eager column sums| for every method that saved its outputs."""
+    import torch
+
+    if "eager" not in saved:
+        return {}
+    ref = torch.load(saved["eager"])
+    diffs = {}
+    for method, path in saved.items():
+        if method == "eager":
+            continue
+        res = torch.load(path)
+        d = {"diff_out": (res["out"].float() - ref["out"].float()).abs().max().item()}
+        if res["mass"] is not None:
+            d["diff_mass"] = (res["mass"] - ref["mass"]).abs().max().item()
+            d["diff_mass_rel"] = d["diff_mass"] / ref["mass"].abs().max().item()
+        diffs[method] = d
+    return diffs
+
+
+COLUMNS = [
+    "device", "threads", "dtype", "head_dim", "heads", "kv_heads", "n", "method", "status", "time_ms", "peak_mib",
+    "time_vs_sdpa", "peak_vs_eager", "diff_out", "diff_mass", "diff_mass_rel", "load_avg_1m",
+]  # fmt: skip
+
+
+def parse_args(argv=None):
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths N (N_q = N_k)")
+    p.add_argument("--dtype", nargs="+", choices=DTYPES, help="default: float32 on CPU, float16 bfloat16 on CUDA")
+    p.add_argument("--head-dim", type=int, nargs="+", help="default: 64 on CPU, 64 128 on CUDA")
+    p.add_argument("--heads", type=int, help="query heads (default 4 on CPU, 32 on CUDA)")
+    p.add_argument("--kv-heads", type=int, help="key/value heads (default heads / 2 on CPU, 8 on CUDA)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--methods", nargs="+", default=["scored", "eager", "sdpa"])
+    p.add_argument("--threads", type=int, help="CPU: torch threads per configuration (default: torch's default)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-eager-gib", type=float, default=8.0, help="CPU: skip eager above this estimated size")
+    p.add_argument("--timeout", type=float, default=600.0, help="CPU: seconds per configuration")
+    p.add_argument("--out", type=Path, help="CSV path (default benchmarks/results/scored_attention_<device>.csv)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    cpu = args.device == "cpu"
+    args.lengths = args.lengths or ([512, 1024, 2048, 4096, 8192] if cpu else [1024, 4096, 8192, 16384, 32768, 131072])
+    args.dtype = args.dtype or (["float32"] if cpu else ["float16", "bfloat16"])
+    args.head_dim = args.head_dim or ([64] if cpu else [64, 128])
+    args.heads = args.heads or (4 if cpu else 32)
+    args.kv_heads = args.kv_heads or (max(1, args.heads // 2) if cpu else 8)
+    args.out = args.out or RESULTS / f"scored_attention_{args.device}.csv"
+    if args.device == "cpu" and not args.threads:
+        args.threads = torch.get_num_threads()
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return []
+    if args.device == "cuda" and not __import__("torch").cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    print(f"# scored attention benchmark, {json.dumps(environment(args.threads))}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in args.dtype:
+            for d in args.head_dim:
+                for n in args.lengths:
+                    base = dict(device=args.device, threads=args.threads, dtype=dtype, head_dim=d, heads=args.heads,
+                                kv_heads=args.kv_heads, batch=args.batch, n=n)  # fmt: skip
+                    group, saved = [], {}
+                    for method in args.methods:
+                        spec = dict(base, method=method, warmup=args.warmup, repeats=args.repeats)
+                        spec["save"] = os.path.join(tmp, f"{method}-{dtype}-{d}-{n}.pt")
+                        too_big = eager_bytes(spec) > args.max_eager_gib * 2**30
+                        if method == "eager" and args.device == "cpu" and too_big:
+                            result = {"status": f"skipped (~{eager_bytes(spec) / 2**30:.0f} GiB)"}
+                        else:
+                            result = run_one(spec, __file__, args.timeout)
+                        if result.get("status") == "ok":
+                            saved[method] = spec["save"]
+                        group.append(dict(base, method=method, **result))
+                    diffs = compare(saved)
+                    by_method = {r["method"]: r for r in group}
+                    for r in group:
+                        r.update(diffs.get(r["method"], {}))
+                        sdpa, eager = by_method.get("sdpa", {}), by_method.get("eager", {})
+                        if r.get("time_ms") and sdpa.get("time_ms"):
+                            r["time_vs_sdpa"] = r["time_ms"] / sdpa["time_ms"]
+                        if r.get("peak_mib") is not None and eager.get("peak_mib"):
+                            r["peak_vs_eager"] = r["peak_mib"] / eager["peak_mib"]
+                    rows.extend(group)
+                    for r in group:
+                        print(f"  {r['dtype']} D={d} N={n} {r['method']}: {r.get('status')} "
+                              f"{r.get('time_ms', float('nan')):.1f} ms {r.get('peak_mib', float('nan')):.0f} MiB",
+                              flush=True)  # fmt: skip
+                    write_csv(rows, COLUMNS, args.out)  # after every length: a long run keeps what it measured
+    print()
+    print_table(rows, COLUMNS[2:])
+    print(f"\nwrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
