@@ -115,3 +115,28 @@ def test_bad_arguments(lm, kwargs, match):
     model, ids = lm
     with pytest.raises(ValueError, match=match):
         stream_perplexity(model, ids, get_scorer("recency"), **kwargs)
+
+
+@pytest.mark.parametrize("scorer", ["tova", "snapkv", "vatp", "key_norm", "caote", "forgetting_attention"])
+def test_other_scorers_stream_under_the_budget(lm, scorer):
+    model, ids = lm
+    r = stream_perplexity(model, ids[:, :48], get_scorer(scorer), budget=20, n_sink=2, recent_window=2, chunk_size=8)
+    assert r.evictions > 0 and all(set(lengths) == {20} for lengths in r.cache_lengths)
+    assert torch.isfinite(torch.tensor(r.perplexity))
+
+
+def test_running_mass_decays_like_a2sf():
+    """Two chunks absorbed with decay f equal Σ_q f^(t−q) a_q over every query seen, per key."""
+    from salience.harness.kv_streaming import _LayerState
+
+    torch.manual_seed(0)
+    f = 0.7
+    first = torch.softmax(torch.randn(1, 2, 3, 3), -1)   # queries 0..2 over keys 0..2
+    second = torch.softmax(torch.randn(1, 2, 2, 5), -1)  # queries 3..4 over keys 0..4
+    state = _LayerState()
+    state.absorb(first, torch.arange(3), f)
+    state.absorb(second, torch.arange(3, 5), f)
+    rows = [torch.nn.functional.pad(first[:, :, i], (0, 2)) for i in range(3)] + [second[:, :, i] for i in range(2)]
+    expected = sum(f ** (4 - q) * row for q, row in enumerate(rows))
+    torch.testing.assert_close(state.mass, expected)
+    assert state.positions.tolist() == [0, 1, 2, 3, 4]

@@ -54,6 +54,9 @@ class _LayerState:
     def __init__(self) -> None:
         self.mass: torch.Tensor | None = None  # (B, H_q, K) float32
         self.positions: torch.Tensor | None = None  # (K,) long
+        # the latest chunk's attention rows, for scorers that read queries directly (TOVA, SnapKV, CAOTE)
+        self.chunk_attention: torch.Tensor | None = None  # (B, H_q, Q, K)
+        self.chunk_positions: torch.Tensor | None = None  # (Q,)
 
     def append_positions(self, new_positions: torch.Tensor) -> None:
         self.positions = new_positions if self.positions is None else torch.cat([self.positions, new_positions])
@@ -71,11 +74,13 @@ class _LayerState:
             weights = decay ** torch.arange(q - 1, -1, -1, dtype=torch.float32, device=probs.device)
             self.mass = old * decay**q + torch.einsum("bhqk,q->bhk", probs, weights)
         self.append_positions(new_positions)
+        self.chunk_attention, self.chunk_positions = probs, new_positions
 
     def keep(self, index: torch.Tensor) -> None:
         if self.mass is not None:
             self.mass = self.mass[..., index]
         self.positions = self.positions[index]
+        self.chunk_attention = None  # its key axis no longer matches the cache
 
 
 def _needs_attention(scorer: Scorer) -> bool:
@@ -163,6 +168,8 @@ def _evict(cache, layers, scorer, budget, n_sink, recent_window, newest, generat
         positions = state.positions
         view = AttentionView(
             key_positions=positions,
+            query_positions=state.chunk_positions,
+            attention=state.chunk_attention,
             key_mass=state.mass,
             visible_queries=newest - positions + 1,
             keys=cache.layers[layer_idx].keys,
