@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,10 @@ from .paths import REPO_ROOT, notebooks_dir, outputs_dir
 from .runs import atomic_write_text, git_commit, package_versions
 
 DEFAULT_TIMEOUT_S = 900.0
+#: child processes running now; each is in its own session, so Ctrl-C must stop them explicitly
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+_INTERRUPTED = threading.Event()
 
 
 @dataclass
@@ -125,6 +130,8 @@ def execute(spec: RunSpec, *, show_progress: bool = True) -> RunOutcome:
     # a new session: on timeout the whole group (child and its kernel) is stopped together
     out = None if show_progress else log
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=out, start_new_session=True)
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc)
     error: dict[str, Any] | None = None
     try:
         proc.wait(timeout=spec.timeout_s)
@@ -137,7 +144,12 @@ def execute(spec: RunSpec, *, show_progress: bool = True) -> RunOutcome:
         raise
     finally:
         log.close()
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc)
     wall = time.time() - started
+    if _INTERRUPTED.is_set():  # the batch was cancelled: discard this run, keep what was there
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KeyboardInterrupt
     result_file = tmp / ".result.json"
     if error is None:
         if result_file.is_file():
@@ -190,14 +202,28 @@ def run_many(specs: list[RunSpec], jobs: int = 1) -> list[RunOutcome]:
             outcomes.append(execute(spec, show_progress=True))
             print(f"    -> {_line(outcomes[-1])}", file=sys.stderr, flush=True)
         return outcomes
-    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(specs), desc="notebooks", unit="nb") as bar:
-        futures = [pool.submit(execute, spec, show_progress=False) for spec in specs]
-        outcomes = []
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        with tqdm(total=len(specs), desc="notebooks", unit="nb") as bar:
+            futures = [pool.submit(execute, spec, show_progress=False) for spec in specs]
+            outcomes = []
+            for future in futures:
+                outcomes.append(future.result())
+                bar.update(1)
+                bar.write(_line(outcomes[-1]))
+        return outcomes
+    except KeyboardInterrupt:
+        _INTERRUPTED.set()
         for future in futures:
-            outcomes.append(future.result())
-            bar.update(1)
-            bar.write(_line(outcomes[-1]))
-    return outcomes
+            future.cancel()
+        with _RUNNING_LOCK:
+            running = list(_RUNNING)
+        for proc in running:
+            _stop(proc, grace_s=5.0)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        _INTERRUPTED.clear()
 
 
 def _line(o: RunOutcome) -> str:

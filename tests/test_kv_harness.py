@@ -140,3 +140,34 @@ def test_running_mass_decays_like_a2sf():
     expected = sum(f ** (4 - q) * row for q, row in enumerate(rows))
     torch.testing.assert_close(state.mass, expected)
     assert state.positions.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_fused_path_gives_the_eager_scores_without_the_matrix(lm):
+    model, ids = lm
+    scorers = {"acc": get_scorer("accumulated_attention"), "norm": get_scorer("normalized_attention")}
+    eager = prefill_scores(model, ids[:, :48], scorers)
+    fused = prefill_scores(model, ids[:, :48], scorers, attention="fused")
+    for name in scorers:
+        torch.testing.assert_close(fused[name], eager[name], atol=1e-4, rtol=1e-4)
+
+
+def test_fused_streaming_matches_eager_streaming(lm):
+    model, ids = lm
+    kw = dict(budget=24, n_sink=4, recent_window=4, chunk_size=8)
+    eager = stream_perplexity(model, ids, get_scorer("normalized_attention"), **kw)
+    fused = stream_perplexity(model, ids, get_scorer("normalized_attention"), attention="fused", **kw)
+    assert fused.evictions == eager.evictions and fused.cache_lengths == eager.cache_lengths
+    assert fused.perplexity == pytest.approx(eager.perplexity, rel=1e-3)
+    same = (fused.kept_positions.sort(-1).values == eager.kept_positions.sort(-1).values).float().mean()
+    assert same > 0.9  # near-ties may flip under float32 rounding; the rest must agree
+
+
+@pytest.mark.parametrize("scorer,match", [("tova", "need more than key mass"),
+                                          ("forgetting_attention", "decays its mass")])
+def test_fused_path_refuses_what_it_cannot_feed(lm, scorer, match):
+    model, ids = lm
+    with pytest.raises(ValueError, match=match):
+        stream_perplexity(model, ids, get_scorer(scorer), budget=24, attention="fused")
+    if scorer == "tova":
+        with pytest.raises(ValueError, match=match):
+            prefill_scores(model, ids, {"t": get_scorer(scorer)}, attention="fused")

@@ -111,3 +111,33 @@ def test_batch_goes_on_after_a_failure_in_parallel(tmp_path, outputs):
 def test_plan_rejects_unknown_notebooks():
     with pytest.raises(ValueError, match="available: .*kv-normalized-attention"):
         runner.plan(["no-such-notebook"])
+
+
+def test_interrupting_a_parallel_batch_stops_children_and_keeps_results(tmp_path, outputs):
+    """Ctrl-C during `-j 2`: both children stop, temp folders go, earlier results stay."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    good = make_notebook(tmp_path / "good.ipynb")
+    assert execute(spec(good, x=7), show_progress=False).status == "ok"
+    slow = make_notebook(tmp_path / "slow.ipynb", middle="import time\ntime.sleep(300)")
+    script = textwrap.dedent(f"""
+        from salience.runner import RunSpec, run_many
+        specs = [RunSpec(n, "default", {{"x": 1}}, {slow!r}, "Tiny", "", 600.0) for n in ("tiny", "tiny2")]
+        run_many(specs, jobs=2)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "SALIENCE_OUTPUTS": str(outputs)})
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(outputs.glob("tiny*/.default.tmp-*"))) < 2:
+        time.sleep(0.5)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    assert not list(outputs.glob("tiny*/.default.tmp-*"))
+    assert json.loads((outputs / "tiny/default/run.json").read_text())["params"]["x"] == 7
+    # children carry their spec path (inside this test's outputs folder) on the command line
+    leftover = subprocess.run(["pgrep", "-f", f"--child {outputs}"], capture_output=True, text=True).stdout
+    assert not leftover.strip(), f"runner children still alive: {leftover}"

@@ -88,3 +88,17 @@ def capture_attention(model: nn.Module, callback: AttentionCallback) -> Iterator
         _callback.reset(token)
         if previous != CAPTURE:
             model.set_attn_implementation(previous)
+
+
+ATTENTION_PATHS = ("eager", "fused")
+
+
+def check_attention_path(path: str, scorers) -> None:
+    """``"eager"`` captures full probabilities; ``"fused"`` runs scored attention and hands scorers only each key's
+    attention mass (no N×N matrix). Raise if a scorer needs more than the chosen path gives."""
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {path!r}")
+    if path == "fused":
+        needy = [s.name for s in scorers if s.needs - {"key_mass"}]
+        if needy:
+            raise ValueError(f"scorers {needy} need more than key mass; run them with attention='eager'")

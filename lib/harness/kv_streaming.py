@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from ..scorers.base import AttentionView, Scorer
 from ..selection import protected_mask, select_topk
-from .attention_capture import capture_attention
+from .attention_capture import capture_attention, check_attention_path
 
 
 @dataclass
@@ -76,6 +76,12 @@ class _LayerState:
         self.append_positions(new_positions)
         self.chunk_attention, self.chunk_positions = probs, new_positions
 
+    def absorb_mass(self, mass: torch.Tensor, new_positions: torch.Tensor) -> None:
+        """Add a chunk's summed key mass ``(B, H_q, K_old+Q)`` (from a fused kernel) to the running mass."""
+        old = self.mass if self.mass is not None else mass.new_zeros(mass.shape[:-1] + (0,))
+        self.mass = torch.nn.functional.pad(old, (0, mass.shape[-1] - old.shape[-1])) + mass
+        self.append_positions(new_positions)
+
     def keep(self, index: torch.Tensor) -> None:
         if self.mass is not None:
             self.mass = self.mass[..., index]
@@ -98,6 +104,7 @@ def stream_perplexity(
     recent_window: int = 0,
     chunk_size: int = 16,
     generator: torch.Generator | None = None,
+    attention: str = "eager",
 ) -> StreamResult:
     """Stream ``input_ids`` ``(1, T)`` through ``model`` with a cache of at most ``budget`` entries per layer.
 
@@ -108,6 +115,8 @@ def stream_perplexity(
         recent_window: newest positions always kept.
         chunk_size: tokens per forward pass; between evictions the cache briefly holds ``budget + chunk_size``.
         generator: seeds stochastic scorers.
+        attention: ``"eager"`` captures each chunk's probabilities; ``"fused"`` runs scored attention and keeps only
+            each key's mass (for scorers that need nothing else and do not decay it).
 
     A budget ≥ T never evicts and reproduces the uncompressed model.
     """
@@ -120,6 +129,9 @@ def stream_perplexity(
         raise ValueError(f"n_sink ({n_sink}) + recent_window ({recent_window}) exceed the budget ({budget})")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    check_attention_path(attention, [scorer])
+    if attention == "fused" and scorer.mass_decay != 1.0:
+        raise ValueError(f"{scorer.name} decays its mass per query; the fused path sums chunks undecayed, use 'eager'")
 
     config = model.config
     num_layers = config.num_hidden_layers
@@ -133,8 +145,19 @@ def stream_perplexity(
     def on_attention(layer_idx: int, probs: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         layers[layer_idx].absorb(probs, chunk_positions, decay)
 
+    def on_mass(layer_idx: int, mass: torch.Tensor) -> None:
+        layers[layer_idx].absorb_mass(mass, chunk_positions)
+
     needs_attention = _needs_attention(scorer)
-    with capture_attention(model, on_attention) if needs_attention else nullcontext():
+    if not needs_attention:
+        capture = nullcontext()
+    elif attention == "eager":
+        capture = capture_attention(model, on_attention)
+    else:
+        from ..kernels.transformers_integration import record_key_mass
+
+        capture = record_key_mass(model, mass="all", callback=on_mass)
+    with capture:
         for start in range(0, total, chunk_size):
             stop = min(start + chunk_size, total)
             chunk_positions = torch.arange(start, stop, device=device)
