@@ -44,3 +44,13 @@ def test_stored_outputs_exist_for_nbval(name):
     checked = [c for c in nb.cells if c.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in c.source]
     assert all(c.outputs for c in checked), f"run `salience store {name}` so nbval has outputs to compare"
     assert not any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_papermill_parses_every_parameter(name):
+    """papermill's own parser skips lines it cannot read (e.g. '=' or quotes in a comment) and then warns
+    'Passed unknown parameter' at run time; every parameter must be visible to it."""
+    import papermill as pm
+
+    inspected = set(pm.inspect_notebook(str(notebook_path(name))))
+    assert inspected == set(parameters_cell_defaults(notebook_path(name)))
