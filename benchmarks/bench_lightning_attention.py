@@ -32,7 +32,7 @@ from bench_scored_attention import (
     environment,
     median_time_ms,
     print_table,
-    run_worker_subprocess,
+    run_one,
     write_csv,
 )
 
@@ -78,19 +78,6 @@ def measure(spec: dict) -> dict:
         ms = median_time_ms(fn, device=device, warmup=spec["warmup"], repeats=spec["repeats"])
     return {"status": "ok", "time_ms": ms, "us_per_token": ms * 1e3 / (b * n), "peak_mib": peak_mib,
             "load_avg_1m": round(os.getloadavg()[0], 2)}  # fmt: skip
-
-
-def run_one(spec: dict, timeout: float) -> dict:
-    if spec["device"] == "cpu":
-        return run_worker_subprocess(__file__, spec, timeout)
-    import torch
-
-    try:
-        return measure(spec)
-    except torch.cuda.OutOfMemoryError:
-        return {"status": "OOM"}
-    finally:
-        torch.cuda.empty_cache()
 
 
 def naive_bytes(spec: dict) -> int:
@@ -160,7 +147,7 @@ def main(argv=None) -> list[dict]:
                         if method == "naive" and naive_bytes(spec) > args.max_naive_gib * 2**30:
                             result = {"status": f"skipped (~{naive_bytes(spec) / 2**30:.0f} GiB)"}
                         else:
-                            result = run_one(spec, args.timeout)
+                            result = run_one(spec, __file__, args.timeout, measure)
                         if result.get("status") == "ok" and method != "sdpa":
                             saved[method] = spec["save"]
                         group.append(dict(base, method=method, **result))

@@ -204,13 +204,15 @@ def measure(spec: dict) -> dict:
     return {"status": "ok", "time_ms": ms, "peak_mib": peak_mib, "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
-def run_one(spec: dict, script: str, timeout: float) -> dict:
+def run_one(spec: dict, script: str, timeout: float, measure_fn=None) -> dict:
+    """One configuration: on CPU in a fresh subprocess of ``script`` (so peak RSS is this call's alone), on CUDA in
+    process with ``measure_fn`` (default: this script's :func:`measure`), recording an out-of-memory as ``OOM``."""
     if spec["device"] == "cpu":
         return run_worker_subprocess(script, spec, timeout)
     import torch
 
     try:
-        return measure(spec)
+        return (measure_fn or measure)(spec)
     except torch.cuda.OutOfMemoryError:
         return {"status": "OOM"}
     finally:

@@ -3,7 +3,7 @@
     salience list                              notebooks, their parameter sets and last status
     salience validate [NB ...] [--params SET]  check parameter files, run nothing
     salience run [NB ...] [--params SET] [-p key=value ...] [-j N] [--timeout S] [--no-report]
-    salience report                            rebuild outputs/report/index.html
+    salience report [--interactive]            rebuild outputs/report/index.html
     salience zoo prepare [NAME ...]            convert the embedded models into the cache (once)
     salience store NB [NB ...]                 execute a notebook in place on its defaults (the outputs nbval checks)
 """
@@ -73,7 +73,7 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from .report import build_report
 
-    print(f"report: {build_report()}")
+    print(f"report: {build_report(include_interactive=args.interactive)}")
     return 0
 
 
@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--timeout", type=float, default=900.0, help="seconds per notebook (default 900)")
             p.add_argument("--no-report", action="store_true", help="skip rebuilding the HTML report")
         p.set_defaults(func=func)
-    sub.add_parser("report", help="rebuild the HTML report").set_defaults(func=cmd_report)
+    report = sub.add_parser("report", help="rebuild the HTML report")
+    report.add_argument("--interactive", action="store_true", help="include runs from JupyterLab, nbval and store")
+    report.set_defaults(func=cmd_report)
     zoo = sub.add_parser("zoo", help="model zoo")
     zoo.add_argument("action", choices=["prepare"])
     zoo.add_argument("names", nargs="*")

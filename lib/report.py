@@ -186,7 +186,11 @@ def read_run(notebook: str, folder: Path) -> Run:
     return run
 
 
-def discover(outputs: Path, skip: set[Path]) -> list[dict]:
+#: runs from JupyterLab, nbval or ``salience store`` (no parameter file behind them): left out unless asked for
+INTERACTIVE = "interactive"
+
+
+def discover(outputs: Path, skip: set[Path], include_interactive: bool = False) -> list[dict]:
     """Notebooks and their param sets: ``[{name, sets: [{name, latest: Run, last_good: Run|None}]}]``."""
     notebooks = []
     if not outputs.is_dir():
@@ -200,6 +204,8 @@ def discover(outputs: Path, skip: set[Path]) -> list[dict]:
                 continue  # not a run folder (or one still being written)
             failed = folder.name.endswith(".failed")
             name = folder.name[: -len(".failed")] if failed else folder.name
+            if name == INTERACTIVE and not include_interactive:
+                continue
             run = read_run(nb_dir.name, folder)
             if failed and not run.problem and run.meta["status"] != "failed":
                 run.warnings.append(f"run.json says status {run.meta['status']!r} in a .failed folder; shown as failed")
@@ -309,10 +315,10 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def _build_into(build: Path, outputs: Path, skip: set[Path]) -> None:
+def _build_into(build: Path, outputs: Path, skip: set[Path], include_interactive: bool = False) -> None:
     from nbconvert import HTMLExporter
 
-    notebooks = discover(outputs, skip)
+    notebooks = discover(outputs, skip, include_interactive)
     exporter = HTMLExporter(template_name="lab", extra_template_paths=[str(TEMPLATES)],
                             template_file="notebook.html.j2")
     counts = {"ok": 0, "failed": 0, "broken": 0}
@@ -336,9 +342,12 @@ def _build_into(build: Path, outputs: Path, skip: set[Path]) -> None:
     (build / "index.html").write_text(html, encoding="utf-8")
 
 
-def build_report(outputs_dir: Path | None = None, dest: Path | None = None) -> Path:
+def build_report(outputs_dir: Path | None = None, dest: Path | None = None, include_interactive: bool = False) -> Path:
     """Build the report for ``outputs_dir`` (default ``salience.paths.outputs_dir()``) into ``dest`` (default
-    ``<outputs>/report``) and return the path of its ``index.html``. The folder is replaced atomically."""
+    ``<outputs>/report``) and return the path of its ``index.html``. The folder is replaced atomically.
+
+    Runs of the ``interactive`` set (JupyterLab, nbval, ``salience store``) are left out unless ``include_interactive``.
+    """
     outputs = Path(outputs_dir) if outputs_dir is not None else default_outputs_dir()
     dest = Path(dest) if dest is not None else outputs / "report"
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -348,7 +357,7 @@ def build_report(outputs_dir: Path | None = None, dest: Path | None = None) -> P
     build = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
     try:
         build.chmod(0o755)
-        _build_into(build, outputs, skip={dest.resolve(), build.resolve()})
+        _build_into(build, outputs, skip={dest.resolve(), build.resolve()}, include_interactive=include_interactive)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise

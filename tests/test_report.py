@@ -349,3 +349,13 @@ window.addEventListener("load", function () {
 </script></body>"""))
     dom = _browser(index, tmp_path, "--dump-dom")
     assert 'data-order="random|h2o|kv-normalized|full cache"' in dom
+
+
+def test_interactive_runs_left_out_unless_asked(tmp_path):
+    outputs = tmp_path / "outputs"
+    make_run(outputs, "kv-demo", "default", title="Demo default run")
+    make_run(outputs, "kv-other", "interactive", title="Demo interactive run")
+    html = _html(report.build_report(outputs))
+    assert "Demo default run" in html and "Demo interactive run" not in html
+    html = _html(report.build_report(outputs, include_interactive=True))
+    assert "Demo interactive run" in html

@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field, field_validator, model_validator
-from tqdm import tqdm
 
 from ..params import NotebookParams
 from .kernel_scored_attention import (
@@ -36,8 +35,8 @@ from .kernel_scored_attention import (
     rerun,
     resolve_csv,
     rule_row,
+    run_cases,
     sig,
-    torch_threads,
 )
 
 TITLE = "Lightning Attention-2 (s43): exact blockwise and Triton paths, and time per token vs N"
@@ -105,14 +104,7 @@ def correctness(params: Params) -> pd.DataFrame:
     masked| in float64, relative to max |masked|: how well the two references agree). The control is the masked form
     in the low precision; inputs are drawn in float64 (q scaled by D^-1/2) and rounded to the dtype.
     """
-    if params.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {params.device!r} was asked for but torch sees no CUDA device; use device: cpu")
-    rows = []
-    with torch_threads(params.device):
-        for i, case in enumerate(tqdm(cases(params), desc="correctness cases", leave=False, mininterval=10)):
-            rows += _check_case(i, case, params)
-    order = {b: i for i, b in enumerate(params.backends)}
-    return pd.DataFrame(rows).sort_values("backend", key=lambda s: s.map(order), kind="stable", ignore_index=True)
+    return run_cases(params, cases(params), _check_case)
 
 
 def _check_case(i: int, case: dict, params: Params) -> list[dict]:

@@ -219,12 +219,18 @@ def correctness(params: Params) -> pd.DataFrame:
     passed (see :func:`rule_row`). Inputs are drawn in float64 from ``seed`` + case index and rounded to the dtype;
     the reference is the naive path on them in float64, the control the naive path in the dtype (both on the CPU).
     """
+    return run_cases(params, cases(params), _check_case)
+
+
+def run_cases(params, case_list: list[dict], check_case) -> pd.DataFrame:
+    """``check_case(i, case, params) -> rows`` over every case (on the run's device and thread count), backends in
+    the order of ``params.backends``; shared by the kernel notebooks."""
     if params.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {params.device!r} was asked for but torch sees no CUDA device; use device: cpu")
     rows = []
     with torch_threads(params.device):
-        for i, case in enumerate(tqdm(cases(params), desc="correctness cases", leave=False, mininterval=10)):
-            rows += _check_case(i, case, params)
+        for i, case in enumerate(tqdm(case_list, desc="correctness cases", leave=False, mininterval=10)):
+            rows += check_case(i, case, params)
     order = {b: i for i, b in enumerate(params.backends)}
     return pd.DataFrame(rows).sort_values("backend", key=lambda s: s.map(order), kind="stable", ignore_index=True)
 
