@@ -5,3 +5,16 @@ from .kv_prefill import prefill_scores
 from .kv_streaming import StreamResult, stream_perplexity
 
 __all__ = ["CAPTURE", "StreamResult", "capture_attention", "prefill_scores", "stream_perplexity"]
+
+from .kv_prefill_compression import (  # noqa: E402
+    HEAD_MODES,
+    CompressedPrefill,
+    compress_prefill,
+    continuation_logits,
+    full_prefill,
+    greedy_answer,
+    greedy_tokens,
+)
+
+__all__ += ["HEAD_MODES", "CompressedPrefill", "compress_prefill", "continuation_logits", "full_prefill",
+            "greedy_answer", "greedy_tokens"]
