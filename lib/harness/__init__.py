@@ -2,11 +2,7 @@
 
 from .attention_capture import CAPTURE, capture_attention
 from .kv_prefill import prefill_scores
-from .kv_streaming import StreamResult, stream_perplexity
-
-__all__ = ["CAPTURE", "StreamResult", "capture_attention", "prefill_scores", "stream_perplexity"]
-
-from .kv_prefill_compression import (  # noqa: E402
+from .kv_prefill_compression import (
     HEAD_MODES,
     CompressedPrefill,
     compress_prefill,
@@ -15,6 +11,19 @@ from .kv_prefill_compression import (  # noqa: E402
     greedy_answer,
     greedy_tokens,
 )
+from .kv_streaming import StreamResult, stream_perplexity
 
-__all__ += ["HEAD_MODES", "CompressedPrefill", "compress_prefill", "continuation_logits", "full_prefill",
-            "greedy_answer", "greedy_tokens"]
+__all__ = [
+    "CAPTURE",
+    "HEAD_MODES",
+    "CompressedPrefill",
+    "StreamResult",
+    "capture_attention",
+    "compress_prefill",
+    "continuation_logits",
+    "full_prefill",
+    "greedy_answer",
+    "greedy_tokens",
+    "prefill_scores",
+    "stream_perplexity",
+]
