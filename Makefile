@@ -19,7 +19,7 @@ report: setup
 ## test: unit and property tests, Triton kernels under the interpreter, nbval over the notebooks' stored outputs
 test: setup
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
-		--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900 $(PYTEST_ARGS)
+		--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=1800 $(PYTEST_ARGS)
 
 ## test-fast: skip what loads real models or a browser
 test-fast: setup

@@ -13,6 +13,7 @@ NOTEBOOKS: dict[str, str] = {
     "kv-normalized-attention": "salience.experiments.kv_normalized_attention",
     "kernel-scored-attention": "salience.experiments.kernel_scored_attention",
     "kernel-lightning-attention": "salience.experiments.kernel_lightning_attention",
+    "kv-snapkv": "salience.experiments.kv_snapkv",
 }
 
 
