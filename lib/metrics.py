@@ -9,30 +9,21 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Metric:
-    """``lower_is_better=None`` means the value closest to ``best_value`` is best (e.g. a correlation that should be 0)."""
-
     name: str
-    lower_is_better: bool | None
+    lower_is_better: bool
     best_value: float | None
     family: str
     description: str = ""
 
 
-PERPLEXITY = Metric("perplexity", True, 1.0, "language modelling", "exp of mean next-token NLL")
 LOG_PERPLEXITY_AUC = Metric(
     "log_ppl_auc", True, None, "eviction", "area under log-perplexity vs kept-budget ratio (trapezoid, ratio on x)"
 )
-SPEARMAN_POSITION = Metric(
-    "position_spearman", None, 0.0, "bias", "Spearman rho of score vs token position; 0 means no positional bias"
-)
-METRICS = {m.name: m for m in (PERPLEXITY, LOG_PERPLEXITY_AUC, SPEARMAN_POSITION)}
 
 
 def sort_by_metric(df, metric: Metric, column: str | None = None):
     """Rows best first by ``metric`` (column defaults to the metric's name)."""
     col = column or metric.name
-    if metric.lower_is_better is None:
-        return df.iloc[(df[col] - metric.best_value).abs().argsort(kind="stable")]
     return df.sort_values(col, ascending=metric.lower_is_better, kind="stable")
 
 

@@ -29,10 +29,9 @@ from .kernel_scored_attention import (
     check_device,
     correctness_text,
     grid_text,
+    load_kernel_benchmark,
     plot_correctness,
     provenance,
-    read_benchmark,
-    rerun,
     resolve_csv,
     rule_row,
     run_cases,
@@ -166,14 +165,8 @@ BENCH_COLUMNS = {"device", "threads", "dtype", "head_dim", "heads", "n", "method
 
 
 def load_benchmark(params: Params, output_dir: Path) -> tuple[pd.DataFrame, Path]:
-    """The benchmark rows and the CSV they came from: ``benchmark_csv``, or a fresh measurement written to
-    ``output_dir/lightning_attention_<device>.csv`` when ``rerun_benchmark`` is true."""
-    csv = resolve_csv(params.benchmark_csv, params.rerun_benchmark, "lightning_attention")
-    if params.rerun_benchmark:
-        dev = "cuda" if params.device.startswith("cuda") else "cpu"
-        csv = rerun("lightning_attention", params.device, params.benchmark_lengths,
-                    Path(output_dir) / f"lightning_attention_{dev}.csv")  # fmt: skip
-    return read_benchmark(csv, BENCH_COLUMNS), csv
+    """This kernel's benchmark rows and CSV (see :func:`~.kernel_scored_attention.load_kernel_benchmark`)."""
+    return load_kernel_benchmark(params, output_dir, "lightning_attention", BENCH_COLUMNS)
 
 
 def _config(df: pd.DataFrame) -> pd.Series:

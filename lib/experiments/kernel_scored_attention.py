@@ -302,14 +302,18 @@ BENCH_COLUMNS = {"device", "threads", "dtype", "head_dim", "heads", "kv_heads", 
 
 
 def load_benchmark(params: Params, output_dir: Path) -> tuple[pd.DataFrame, Path]:
+    """This kernel's benchmark rows and CSV (see :func:`load_kernel_benchmark`)."""
+    return load_kernel_benchmark(params, output_dir, "scored_attention", BENCH_COLUMNS)
+
+
+def load_kernel_benchmark(params, output_dir: Path, kernel: str, columns: set[str]) -> tuple[pd.DataFrame, Path]:
     """The benchmark rows and the CSV they came from: ``benchmark_csv``, or a fresh measurement written to
-    ``output_dir/scored_attention_<device>.csv`` when ``rerun_benchmark`` is true."""
-    csv = resolve_csv(params.benchmark_csv, params.rerun_benchmark, "scored_attention")
+    ``output_dir/<kernel>_<device>.csv`` when ``rerun_benchmark`` is true. Shared by the kernel notebooks."""
+    csv = resolve_csv(params.benchmark_csv, params.rerun_benchmark, kernel)
     if params.rerun_benchmark:
         dev = "cuda" if params.device.startswith("cuda") else "cpu"
-        csv = rerun("scored_attention", params.device, params.benchmark_lengths,
-                    Path(output_dir) / f"scored_attention_{dev}.csv")  # fmt: skip
-    return read_benchmark(csv, BENCH_COLUMNS), csv
+        csv = rerun(kernel, params.device, params.benchmark_lengths, Path(output_dir) / f"{kernel}_{dev}.csv")
+    return read_benchmark(csv, columns), csv
 
 
 def _config(df: pd.DataFrame) -> pd.Series:

@@ -23,7 +23,7 @@ from scipy.stats import rankdata
 from tqdm import tqdm  # text bars: stored notebooks stay readable without widgets
 
 from ..harness import prefill_scores, stream_perplexity
-from ..metrics import LOG_PERPLEXITY_AUC, area_under_curve
+from ..metrics import LOG_PERPLEXITY_AUC, area_under_curve, sort_by_metric
 from ..params import ModelName, NotebookParams
 from ..scorers import get_scorer
 
@@ -216,7 +216,7 @@ def leaderboard(sweep: pd.DataFrame, auc: pd.DataFrame) -> pd.DataFrame:
     wide.loc["full cache", LOG_PERPLEXITY_AUC.name] = float(np.log(full.perplexity).mean())
     wide = wide.reset_index()
     wide.insert(1, "label", wide.scorer.map(LABELS).fillna(wide.scorer))
-    return wide.sort_values(LOG_PERPLEXITY_AUC.name, kind="stable").reset_index(drop=True)
+    return sort_by_metric(wide, LOG_PERPLEXITY_AUC).reset_index(drop=True)
 
 
 def verdict(bias: pd.DataFrame, auc: pd.DataFrame, params: Params) -> tuple[str, str, str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field, field_validator, model_validator
