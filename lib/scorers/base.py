@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 #: Every capture a scorer may ask for.
-CAPTURES = frozenset({"attention", "key_mass", "keys", "values", "hidden", "gradients"})
+CAPTURES = frozenset({"attention", "attention_layers", "key_mass", "keys", "values", "hidden", "gradients"})
 
 
 @dataclass
@@ -27,11 +27,16 @@ class AttentionView:
         key_positions: ``(K,)`` original token positions of the keys (after eviction they are not ``arange(K)``).
         query_positions: ``(Q,)`` original positions of the queries whose attention the view holds.
         attention: ``(B, H, Q, K)`` softmax probabilities, rows are queries; ``None`` when only a summary exists.
+        attention_layers: the ``(B, H, Q, K)`` attention of every layer up to and including the scoring one, oldest
+            first, over the same keys (multi-layer scorers: rollout, VTC-CLS, FlowCut); ``attention`` is the last.
         key_mass: ``(B, H, K)`` attention received by each key, summed over the queries the view stands for.
             Harnesses that stream (or fused kernels) fill this instead of ``attention``.
         visible_queries: ``(K,)`` number of queries that could see each key (the causal mask's column count).
         keys, values: ``(B, H_kv, K, D)``; hidden: ``(B, K, d_model)``.
         roles: optional named boolean masks over keys, e.g. ``{"sink": ..., "separator": ..., "cls": ...}``.
+            Vision harnesses set ``"cls"`` (the class token) and ``"patch"`` (image patches).
+        patch_coords: ``(K, 2)`` int64 (row, column) of each key on the patch grid, ``-1`` for non-patch tokens
+            ([CLS], registers, text); vision harnesses fill it, spatial scorers read it.
         generator: seeded generator for stochastic scorers, so runs are reproducible.
     """
 
@@ -43,6 +48,8 @@ class AttentionView:
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    attention_layers: list[torch.Tensor] | None = None
+    patch_coords: torch.Tensor | None = None
     roles: dict[str, torch.Tensor] = field(default_factory=dict)
     generator: torch.Generator | None = None
 
@@ -91,6 +98,8 @@ class Scorer:
     needs: ClassVar[frozenset[str]] = frozenset()
     #: Streaming harnesses keep ``key_mass`` as a running sum; a scorer may ask for it decayed per query step.
     mass_decay: ClassVar[float] = 1.0
+    #: Roles (keys of ``AttentionView.roles``) the rule cannot work without, e.g. ``{"cls"}`` for [CLS] attention.
+    requires_roles: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def attention_free(self) -> bool:
@@ -101,6 +110,11 @@ class Scorer:
         raise NotImplementedError
 
     def __call__(self, view: AttentionView) -> torch.Tensor:
+        missing = sorted(r for r in self.requires_roles if r not in view.roles or not bool(view.roles[r].any()))
+        if missing:
+            hint = " (the model has no [CLS] token; use a scorer without [CLS])" if "cls" in missing else ""
+            raise ValueError(f"scorer {self.name!r} needs token role(s) {missing}, which this view lacks{hint}; "
+                             f"roles present: {sorted(view.roles) or 'none'}")
         scores = self.score(view)
         if scores.dim() != 3 or scores.shape[-1] != view.num_keys:
             raise RuntimeError(
