@@ -197,7 +197,7 @@ def test_sepllm_separators_first_then_recency():
 
 
 def test_sepllm_needs_the_separator_role():
-    with pytest.raises(ValueError, match="sepllm needs view.roles\\['separator'\\]"):
+    with pytest.raises(ValueError, match="needs token role"):
         get_scorer("sepllm")(AttentionView(key_positions=POS, key_mass=torch.zeros(1, 1, 3)))
 
 

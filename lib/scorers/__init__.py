@@ -15,6 +15,8 @@ from . import (  # noqa: F401
     value_aware_attention,
     window_attention,
 )
+from . import attention_rollout, cls_attention, dart, divprune, flowcut, graph_propagation, hiprune  # noqa: F401
+from . import spatial_grid, todre  # noqa: F401
 from .accumulated_attention import AccumulatedAttention
 from .attention_output_error import AttentionOutputError
 from .attention_pagerank import AttentionPageRank

@@ -103,14 +103,16 @@ class Scorer:
 
     @property
     def attention_free(self) -> bool:
-        return not (self.needs & {"attention", "key_mass"})
+        return not (self.needs & {"attention", "attention_layers", "key_mass"})
 
     def score(self, view: AttentionView) -> torch.Tensor:  # pragma: no cover - abstract
         """Return ``(B, H, K)`` importances for the keys in ``view``; higher means keep."""
         raise NotImplementedError
 
     def __call__(self, view: AttentionView) -> torch.Tensor:
-        missing = sorted(r for r in self.requires_roles if r not in view.roles or not bool(view.roles[r].any()))
+        # a role is present when the harness set it, even all-False (a text span without separators); a model
+        # without [CLS] gets no "cls" entry at all
+        missing = sorted(r for r in self.requires_roles if r not in view.roles)
         if missing:
             hint = " (the model has no [CLS] token; use a scorer without [CLS])" if "cls" in missing else ""
             raise ValueError(f"scorer {self.name!r} needs token role(s) {missing}, which this view lacks{hint}; "

@@ -39,17 +39,17 @@ class SeparatorScorer(Scorer):
     token and ties break toward recent tokens. SepLLM's other two kinds of kept tokens, the initial tokens (attention
     sinks) and the recent neighbouring window, are protection: ``selection.protected_mask(n_sink=..., recent=...)``.
 
-    Reads ``view.roles["separator"]`` ``(K,)`` (build it with :func:`separator_mask`) and ``key_positions``;
-    returns ``(B, H, K)`` (the same ranking for every head). Attention-free.
+    Reads ``view.roles["separator"]`` ``(K,)`` (build it with :func:`separator_mask`; the KV harnesses do when given
+    ``tokenizer=``) and ``key_positions``; returns ``(B, H, K)`` (the same ranking for every head). Attention-free.
+    A view whose keys hold no separator at all is valid: the ranking is then recency alone.
     """
 
     name = "sepllm"
     needs = frozenset()
+    requires_roles = frozenset({"separator"})
 
     def score(self, view: AttentionView) -> torch.Tensor:
-        mask = view.roles.get("separator")
-        if mask is None:
-            raise ValueError("sepllm needs view.roles['separator'] (see separators.separator_mask)")
+        mask = view.roles["separator"]
         b, h = view.batch_heads()
         positions = view.key_positions.float()
         recency = positions / (2 * (positions.max() + 1))

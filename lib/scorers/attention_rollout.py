@@ -1,0 +1,65 @@
+"""Attention rollout (Abnar & Zuidema 2020; the flow-style aggregation of family B/C): attention chained over layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import AttentionView, Scorer, register
+from .vision_common import all_layers, cls_mask
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+@register
+@dataclass
+class AttentionRollout(Scorer):
+    """Rollout: ``R = Ã_L ⋯ Ã_1`` with ``Ã_l = norm_rows(ρ I + (1 − ρ) fuse_h A_l)``; ``s_k = R_{[CLS],k}``.
+
+    The residual term ``ρ I`` stands for the skip connection (Abnar & Zuidema use ρ = 0.5), rows are renormalised so
+    each ``Ã_l`` stays a mixing matrix, and the product says how much of each input token ends up in each output
+    token. The score is the [CLS] row of ``R``; a view without a [CLS] role falls back to the mean over all query rows
+    (how much of each token reaches the average token), so the rule also runs on models without [CLS].
+
+    Parameters:
+        residual: ρ in [0, 1); 0 = raw attention product.
+        head_fusion: how heads are merged per layer, one of ``mean``, ``max``, ``min``.
+        start_layer: first index ≥ 0 into ``attention_layers`` included (early layers are often near-uniform).
+
+    Reads ``attention_layers`` (square ``(B, H, K, K)``; ``attention`` alone counts as one layer); returns
+    ``(B, 1, K)``, the rollout row (sums to 1).
+    """
+
+    name = "attention_rollout"
+    needs = frozenset({"attention_layers"})
+    residual: float = 0.5
+    head_fusion: str = "mean"
+    start_layer: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.residual < 1.0:
+            raise ValueError(f"residual must lie in [0, 1), got {self.residual}")
+        if self.head_fusion not in HEAD_FUSIONS:
+            raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {self.head_fusion!r}")
+        if self.start_layer < 0:
+            raise ValueError(f"start_layer must be ≥ 0, got {self.start_layer}")
+
+    def score(self, view: AttentionView) -> torch.Tensor:
+        layers = all_layers(view, self.name)
+        if self.start_layer >= len(layers):
+            raise ValueError(f"start_layer {self.start_layer} is outside [0, {len(layers) - 1}] "
+                             f"for a view holding {len(layers)} layers")
+        rollout = None
+        for a in layers[self.start_layer:]:
+            if a.shape[-2] != a.shape[-1]:
+                raise ValueError(f"attention_rollout needs square attention (all tokens query), got {tuple(a.shape)}")
+            a = a.float()
+            fused = a.mean(dim=1) if self.head_fusion == "mean" else getattr(a, "a" + self.head_fusion)(dim=1)
+            eye = torch.eye(fused.shape[-1], device=fused.device)
+            mixed = self.residual * eye + (1 - self.residual) * fused
+            mixed = mixed / mixed.sum(dim=-1, keepdim=True)
+            rollout = mixed if rollout is None else mixed @ rollout
+        cls = cls_mask(view).to(rollout.device)
+        rows = rollout[:, cls, :] if bool(cls.any()) else rollout
+        return rows.mean(dim=1).unsqueeze(1)
