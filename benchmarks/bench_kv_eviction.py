@@ -2,7 +2,7 @@
 """Benchmark the per-decode-step cost of KV-cache scoring + eviction against the full cache, and the memory freed.
 
     python benchmarks/bench_kv_eviction.py --threads 1                     # 512 1024 2048, 16 steps, budget 50%
-    python benchmarks/bench_kv_eviction.py --lengths 2048 --steps 32 --scorers accumulated_attention
+    python benchmarks/bench_kv_eviction.py --lengths 2048 --steps 48 --evict-every 1 16 --scorers recency
 
 Model: SmolLM2-135M (``salience.models.load_model("smollm2-135m")``, float32, CPU, 30 layers, 9 / 3 KV heads). For
 every context length L the model prefills L tokens of real text (Wikipedia articles from
@@ -17,16 +17,24 @@ Settings (one row each; the scorer rows once per ``--scorers`` entry):
   bookkeeping   full cache, hook + the streaming harness's per-layer bookkeeping (``_LayerState.absorb``: running
                 key mass + positions; attention-free scorers such as recency only append positions, without hook).
   evict         the cache is first evicted from L to the budget (once, not timed); then each step decodes one token
-                (cache budget+1) with bookkeeping and calls the harness's ``_evict`` (score, top-k with sinks,
-                gather keys/values) which drops one token per layer, back to the budget.
+                with bookkeeping, and once the cache holds ``budget + evict_every`` entries calls the harness's
+                ``_evict`` (score, top-k with sinks, gather keys/values), back to the budget: with
+                ``evict_every`` = 1 (one row per ``--evict-every`` value) every step drops one token per layer, as
+                ``stream_perplexity(chunk_size=1)`` does by default; with k > 1 every k-th step drops k tokens and
+                the cache holds up to budget + k - 1 entries in between (``stream_perplexity(evict_every=k)``).
   eager_budget  plain eager with a cache of ``budget`` entries (the prefilled cache truncated to its first
                 ``budget`` positions), no eviction: what a decode step costs at the evicted cache size.
 
-What is measured (median of ``--steps`` steps after ``--warmup`` steps; every setting has its own cache clone, and
-the settings run round robin, step i of all of them before step i + 1, in a rotating order, so that the shared
-machine's load drift hits all settings alike):
+What is measured (every setting has its own cache clone, and the settings run round robin, step i of all of them
+before step i + 1, in a rotating order, so that the shared machine's load drift hits all settings alike). A *cycle*
+is one step, except for ``evict`` rows with ``evict_every`` = k > 1, where it is the k steps from one eviction to the
+next, eviction included; each time is the median over the complete cycles among the ``--steps`` steps after
+``--warmup`` steps of the per-step mean within the cycle, so an amortised eviction is charged in full:
   time_ms        wall time of one decode step: the forward pass (callbacks included) plus, for ``evict``, the
                  ``_evict`` call. Switching the model to the capture hook and back happens outside it.
+  cycles         how many complete cycles the medians are over.
+  max_cache_len  the largest cache the setting held (after a step's forward pass, before its eviction): budget + 1
+                 for ``evict_every`` = 1, budget + k with k.
   bookkeeping_ms (bookkeeping / evict rows) the time spent inside the per-layer bookkeeping (``absorb``, or the
                  position append for attention-free scorers), summed over the 30 layers: part of ``time_ms``.
   evict_ms       (evict rows) the ``_evict`` part of ``time_ms`` alone: scoring + selection + gather, 30 layers.
@@ -64,7 +72,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scored_attention import RESULTS, environment, print_table, write_csv  # noqa: E402
 
 COLUMNS = [
-    "device", "threads", "torch", "model", "L", "budget", "scorer", "setting", "steps", "time_ms", "bookkeeping_ms",
+    "device", "threads", "torch", "model", "L", "budget", "scorer", "setting", "evict_every", "steps", "cycles",
+    "max_cache_len", "time_ms", "bookkeeping_ms",
     "evict_ms", "machinery_pct", "overhead_pct", "overhead_same_size_pct", "kv_mib_full", "kv_mib_budget", "kv_freed_frac", "theory_frac",
     "rss_drop_notrim_mib", "rss_drop_mib", "load_avg_1m",
 ]  # fmt: skip
@@ -149,13 +158,15 @@ def copy_states(states):
 class Setting:
     """One setting's own cache (and bookkeeping state); :meth:`step` decodes one token and returns its timings."""
 
-    def __init__(self, model, kv, states, ids, L, *, setting, scorer, budget, n_sink):
+    def __init__(self, model, kv, states, ids, L, *, setting, scorer, budget, n_sink, evict_every=1):
         import torch
 
         from salience.harness.kv_streaming import _evict, _needs_attention
 
         self.model, self.ids, self.L, self.setting, self.scorer = model, ids, L, setting, scorer
-        self.budget, self.n_sink = budget, n_sink
+        self.budget, self.n_sink, self.evict_every = budget, n_sink, evict_every
+        self.max_cache_len = 0
+        self.cycle: list[tuple[float, float, float]] | None = []  # (step, evict, bookkeeping) ms; None: incomplete
         self.uses_attention = scorer is not None and _needs_attention(scorer)
         self.hooked = setting == "hook" or (setting in ("bookkeeping", "evict") and self.uses_attention)
         self.cache = clone_cache(model.config, kv, upto=budget if setting == "eager_budget" else None)
@@ -163,7 +174,7 @@ class Setting:
         if setting in ("bookkeeping", "evict"):
             self.layers = copy_states(states) if self.uses_attention else [_state_with_positions(L) for _ in kv]
         self.gen = torch.Generator().manual_seed(0)
-        self.times, self.evict_times, self.callback_times = [], [], []
+        self.times, self.evict_times, self.callback_times = [], [], []  # per complete cycle, per-step means
         self.mem = {}
         if setting == "evict":  # bulk eviction L -> budget, untimed: the memory actually freed
             gc.collect()
@@ -210,20 +221,35 @@ class Setting:
                     state.append_positions(positions)
                 callback_s[0] += time.perf_counter() - c0
             t1 = time.perf_counter()
-            if self.setting == "evict":
+            length = self.cache.get_seq_length()
+            evicts = self.setting == "evict" and length >= self.budget + self.evict_every
+            if evicts:
                 _evict(self.cache, self.layers, self.scorer, self.budget, self.n_sink, 0, pos, self.gen)
             t2 = time.perf_counter()
-        if self.setting == "evict":
+        self.max_cache_len = max(self.max_cache_len, length)
+        if evicts:
             lengths = {layer.keys.shape[-2] for layer in self.cache.layers}
             if lengths != {self.budget}:
                 raise RuntimeError(f"eviction left cache lengths {lengths}, expected {self.budget}")
-        if record:
-            self.times.append((t2 - t0) * 1e3)
-            self.evict_times.append((t2 - t1) * 1e3)
-            self.callback_times.append(callback_s[0] * 1e3)
+        if self.cycle is not None:
+            self.cycle.append(((t2 - t0) * 1e3, (t2 - t1) * 1e3, callback_s[0] * 1e3))
+        if not record:
+            self.cycle = None  # a cycle that began during warmup is not timed
+        if evicts or self.setting != "evict":
+            if self.cycle:
+                n = len(self.cycle)
+                self.times.append(sum(c[0] for c in self.cycle) / n)
+                self.evict_times.append(sum(c[1] for c in self.cycle) / n)
+                self.callback_times.append(sum(c[2] for c in self.cycle) / n)
+            self.cycle = []
 
     def result(self) -> dict:
-        out = dict(time_ms=statistics.median(self.times), **self.mem)
+        if not self.times:
+            raise SystemExit(f"{self.setting} (evict_every {self.evict_every}) completed no timed cycle: raise --steps")
+        out = dict(time_ms=statistics.median(self.times), cycles=len(self.times), max_cache_len=self.max_cache_len,
+                   **self.mem)
+        if self.setting == "evict":
+            out["evict_every"] = self.evict_every
         if self.layers is not None:
             out["bookkeeping_ms"] = statistics.median(self.callback_times)
         if self.setting == "evict":
@@ -250,9 +276,13 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=0.5, help="cache budget as a fraction of L (or entries if > 1)")
     p.add_argument("--n-sink", type=int, default=4, help="protected initial positions (attention sinks)")
     p.add_argument("--scorers", nargs="+", default=["accumulated_attention", "normalized_attention", "recency"])
+    p.add_argument("--evict-every", type=int, nargs="+", default=[1, 16],
+                   help="evict rows: evict once the cache holds budget + k entries (one row per k)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     p.add_argument("--out", type=Path, help="CSV path (default benchmarks/results/kv_eviction_cpu.csv)")
     args = p.parse_args(argv)
+    if any(k < 1 for k in args.evict_every):
+        p.error(f"--evict-every values must be >= 1, got {args.evict_every}")
     args.out = args.out or RESULTS / "kv_eviction_cpu.csv"
     return args
 
@@ -290,12 +320,13 @@ def main(argv=None) -> list[dict]:
         base = dict(device="cpu", threads=threads, torch=torch.__version__, model=args.model, L=L, budget=budget,
                     steps=args.steps)  # fmt: skip
         common = dict(budget=budget, n_sink=args.n_sink)
-        plan = [("eager", None), ("hook", None), ("eager_budget", None)]
-        plan += [(s, sc) for sc in scorers for s in ("bookkeeping", "evict")]
+        plan = [("eager", None, 1), ("hook", None, 1), ("eager_budget", None, 1)]
+        plan += [("bookkeeping", sc, 1) for sc in scorers]
+        plan += [("evict", sc, k) for sc in scorers for k in args.evict_every]
         runs = []
-        for setting, scorer in plan:
+        for setting, scorer, k in plan:
             kv_s, states = prefilled[float(scorer.mass_decay)] if scorer is not None else (kv, None)
-            runs.append(Setting(model, kv_s, states, ids, L, setting=setting, scorer=scorer, **common))
+            runs.append(Setting(model, kv_s, states, ids, L, setting=setting, scorer=scorer, evict_every=k, **common))
         # round robin: step i of every setting before step i + 1 of any, in a rotating order, so that the shared
         # machine's load drifts over all settings alike instead of favouring whichever ran in a quiet moment
         for i in range(args.warmup + args.steps):
@@ -308,7 +339,7 @@ def main(argv=None) -> list[dict]:
             row = dict(base, scorer=run.scorer.name if run.scorer else "", setting=run.setting, **run.result(),
                        load_avg_1m=load)  # fmt: skip
             group.append(row)
-            print(f"  {run.setting:12s} {row['scorer']:22s} {row['time_ms']:8.2f} ms"
+            print(f"  {run.setting:12s} {row['scorer']:22s} k={run.evict_every:<3d} {row['time_ms']:8.2f} ms"
                   + (f"  (bookkeeping {row['bookkeeping_ms']:.2f} ms)" if "bookkeeping_ms" in row else "")
                   + (f"  (evict {row['evict_ms']:.2f} ms)" if "evict_ms" in row else ""), flush=True)  # fmt: skip
         del runs
@@ -325,13 +356,14 @@ def main(argv=None) -> list[dict]:
         gc.collect()
         write_csv(rows, COLUMNS, args.out)  # after every length: a long run keeps what it measured
     print()
-    print_table(rows, ["L", "budget", "scorer", "setting", "time_ms", "bookkeeping_ms", "evict_ms", "machinery_pct",
+    print_table(rows, ["L", "budget", "scorer", "setting", "evict_every", "max_cache_len", "time_ms", "bookkeeping_ms",
+                       "evict_ms", "machinery_pct",
                        "overhead_pct",
                        "overhead_same_size_pct", "load_avg_1m"])  # fmt: skip
     print()
     mem_rows = [r for r in rows if r["setting"] == "evict"]
-    print_table(mem_rows, ["L", "budget", "scorer", "kv_mib_full", "kv_mib_budget", "kv_freed_frac", "theory_frac",
-                           "rss_drop_notrim_mib", "rss_drop_mib"])  # fmt: skip
+    print_table(mem_rows, ["L", "budget", "scorer", "evict_every", "kv_mib_full", "kv_mib_budget", "kv_freed_frac",
+                           "theory_frac", "rss_drop_notrim_mib", "rss_drop_mib"])  # fmt: skip
     print(f"\nwrote {args.out}")
     return rows
 

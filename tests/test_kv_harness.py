@@ -20,8 +20,12 @@ TEXT = (
 
 
 @pytest.fixture(scope="module")
-def lm():
-    bundle = load_model("smollm2-135m", attn_implementation="eager")
+def bundle():
+    return load_model("smollm2-135m", attn_implementation="eager")
+
+
+@pytest.fixture(scope="module")
+def lm(bundle):
     ids = bundle.processor(TEXT, return_tensors="pt").input_ids[:, :80]
     return bundle.model, ids
 
@@ -32,12 +36,38 @@ def full_nll(model, ids):
     return float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
 
 
+@pytest.mark.parametrize("head_mode", ["shared", "per_kv_head"])
 @pytest.mark.parametrize("scorer", ["accumulated_attention", "recency"])
-def test_full_budget_reproduces_uncompressed_model(lm, scorer):
+def test_full_budget_reproduces_uncompressed_model(lm, scorer, head_mode):
     model, ids = lm
-    r = stream_perplexity(model, ids, get_scorer(scorer), budget=ids.shape[1], chunk_size=16)
+    r = stream_perplexity(model, ids, get_scorer(scorer), budget=ids.shape[1], chunk_size=16, head_mode=head_mode)
     assert r.evictions == 0 and r.n_predicted == ids.shape[1] - 1
     assert r.nll_sum == pytest.approx(full_nll(model, ids), rel=1e-5)
+
+
+def test_per_kv_head_eviction_holds_the_budget_in_every_head(lm):
+    model, ids = lm
+    r = stream_perplexity(model, ids, get_scorer("normalized_attention"), budget=24, n_sink=4, recent_window=4,
+                          chunk_size=8, head_mode="per_kv_head")
+    n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    assert r.evictions == len(r.head_lengths) > 0
+    assert all(lengths == [24] * n_layers for lengths in r.cache_lengths)
+    assert all(heads == [[24] * n_kv] * n_layers for heads in r.head_lengths)
+    assert r.kept_positions.shape == (n_layers, n_kv, 24)
+    differ = (r.kept_positions[:, 1:] != r.kept_positions[:, :1]).any(-1).float().mean()
+    assert differ > 0.2  # the KV heads of a layer mostly keep different sets
+    assert r.nll_sum > full_nll(model, ids)
+
+
+def test_sepllm_streams_with_separators_from_the_tokenizer(bundle, lm):
+    from salience.scorers import separator_mask
+
+    model, ids = lm
+    r = stream_perplexity(model, ids, get_scorer("sepllm"), budget=24, n_sink=4, recent_window=4, chunk_size=8,
+                          tokenizer=bundle.processor)
+    separators = set(separator_mask(ids[0], bundle.processor).nonzero().flatten().tolist())
+    assert 0 < len(separators) <= 16  # they fit next to the 8 protected tokens, so every layer keeps them all
+    assert all(separators <= set(layer.tolist()) for layer in r.kept_positions)
 
 
 def test_eviction_holds_the_budget_in_every_layer(lm):

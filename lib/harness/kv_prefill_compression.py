@@ -42,6 +42,7 @@ from transformers import DynamicCache
 from ..scorers.base import AttentionView, Scorer, get_scorer
 from ..selection import protected_mask, reduce_to_kv_heads, resolve_budget, select_topk
 from .attention_capture import capture_attention, check_attention_path
+from .roles import resolve_roles
 
 HEAD_MODES = ("per_kv_head", "shared")
 
@@ -171,6 +172,7 @@ def compress_prefill(
     generator: torch.Generator | None = None,
     roles: dict[str, torch.Tensor] | None = None,
     protect: torch.Tensor | None = None,
+    tokenizer=None,
 ) -> CompressedPrefill:
     """Prefill ``context_ids`` ``(1, T)`` and compress its cache to ``budget`` entries per layer and KV head.
 
@@ -188,6 +190,8 @@ def compress_prefill(
         attention: ``"eager"`` captures each layer's probabilities; ``"fused"`` runs scored attention and gives the
             scorer only each key's mass (key-mass scorers only).
         generator: seeds stochastic scorers. roles: optional ``(T,)`` bool masks over the context (e.g. separators).
+        tokenizer: when given, roles the scorer requires (``Scorer.requires_roles``) and ``roles`` lacks are built
+            from ``context_ids`` (SepLLM's ``"separator"``: :func:`salience.scorers.separator_mask`).
         protect: optional ``(T,)`` bool mask of further context tokens always kept, counting against the budget
             (e.g. a needle span, for an oracle diagnostic).
 
@@ -220,13 +224,9 @@ def compress_prefill(
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     device = prompt_ids.device
     positions = torch.arange(total, device=device)
-    view_roles = {}
-    for name, mask in (roles or {}).items():
-        mask = torch.as_tensor(mask, dtype=torch.bool, device=device).flatten()
-        if mask.shape[0] != context_len:
-            raise ValueError(f"roles[{name!r}] must have one entry per context token ({context_len}), "
-                             f"got {mask.shape[0]}")
-        view_roles[name] = torch.nn.functional.pad(mask, (0, question_len))  # question tokens have no role
+    context_roles = resolve_roles(scorer, context_ids[0], roles, tokenizer, what="the context")
+    # question tokens have no role
+    view_roles = {name: torch.nn.functional.pad(mask, (0, question_len)) for name, mask in context_roles.items()}
 
     layer_scores: list[torch.Tensor | None] = [None] * num_layers
 

@@ -5,8 +5,18 @@ attention, asks the scorer for importances, and evicts down to the budget, keepi
 window. Cached keys keep their original rotary positions (new tokens get their absolute ``position_ids``), and the
 causal mask follows the cache length, so a compressed cache is attended exactly as it stands.
 
-Proof of work: after every eviction the harness asserts that each layer holds exactly the budget and records the
-lengths; :class:`StreamResult` carries them.
+Head modes: ``"shared"`` (default) keeps one set of tokens for every KV head of a layer (scores averaged over all
+heads); ``"per_kv_head"`` lets each KV head keep its own ``budget`` tokens (scores averaged over its GQA group of query
+heads). Every head then holds the same number of entries, so the cache stays one ``(B, H_kv, K, D)`` tensor per layer
+and the causal mask (which follows the cache length) lets new tokens see every cached entry, whichever token it is;
+each head's original positions are tracked for the scorer's views and for reporting (keys stay rotated at their
+original positions, so the model itself needs no positions for them).
+
+Roles (``roles=``, ``(T,)`` bool masks over ``input_ids``, e.g. SepLLM's separators) are sliced to the cached
+positions for every view; with ``tokenizer=`` the roles a scorer requires are built when not given.
+
+Proof of work: after every eviction the harness asserts that each layer (and, per KV head, each head's distinct
+tokens) holds exactly the budget and records the lengths; :class:`StreamResult` carries them.
 """
 
 from __future__ import annotations
@@ -21,6 +31,9 @@ from transformers import DynamicCache
 from ..scorers.base import AttentionView, Scorer
 from ..selection import protected_mask, select_topk
 from .attention_capture import capture_attention, check_attention_path
+from .roles import resolve_roles
+
+HEAD_MODES = ("shared", "per_kv_head")
 
 
 @dataclass
@@ -31,9 +44,15 @@ class StreamResult:
         nll_sum: summed negative log-likelihood (nats) of every predicted token.
         n_predicted: number of predicted tokens (text length − 1).
         cache_lengths: per eviction step, the cache length of every layer after eviction.
+        head_lengths: (``per_kv_head`` only) per eviction step, per layer, the number of distinct tokens each KV head
+            holds after eviction.
         evictions: number of eviction steps that removed tokens.
-        kept_positions: ``(layers, budget)`` original positions left in each layer's cache at the end.
+        kept_positions: original positions left in the cache at the end (``None`` if nothing was evicted):
+            ``(layers, K)`` shared, ``(layers, H_kv, K)`` per KV head.
         max_cache_len: the largest cache any layer held after an eviction step.
+        peak_cache_len: the largest cache any layer held at any time (after a chunk's forward pass, before
+            eviction): ``budget + chunk_size`` per step at most, more with ``evict_every`` > 1.
+        head_mode: the head mode used.
     """
 
     nll_sum: float
@@ -42,6 +61,9 @@ class StreamResult:
     evictions: int = 0
     kept_positions: torch.Tensor | None = None
     max_cache_len: int = 0
+    head_lengths: list[list[list[int]]] = field(default_factory=list)
+    peak_cache_len: int = 0
+    head_mode: str = "shared"
 
     @property
     def perplexity(self) -> float:
@@ -49,17 +71,24 @@ class StreamResult:
 
 
 class _LayerState:
-    """Running key mass and original positions of one layer's cache entries."""
+    """Running key mass and original positions of one layer's cache entries.
 
-    def __init__(self) -> None:
-        self.mass: torch.Tensor | None = None  # (B, H_q, K) float32
-        self.positions: torch.Tensor | None = None  # (K,) long
+    ``kv_heads=None`` (shared): positions ``(K,)``, one token set for all heads. ``kv_heads=n`` (per KV head):
+    positions ``(n, K)``, slot ``k`` of head ``h`` holds token ``positions[h, k]``.
+    """
+
+    def __init__(self, kv_heads: int | None = None) -> None:
+        self.kv_heads = kv_heads
+        self.mass: torch.Tensor | None = None  # (B, H_q, K) float32, per cache slot
+        self.positions: torch.Tensor | None = None  # (K,) or (H_kv, K) long
         # the latest chunk's attention rows, for scorers that read queries directly (TOVA, SnapKV, CAOTE)
         self.chunk_attention: torch.Tensor | None = None  # (B, H_q, Q, K)
         self.chunk_positions: torch.Tensor | None = None  # (Q,)
 
     def append_positions(self, new_positions: torch.Tensor) -> None:
-        self.positions = new_positions if self.positions is None else torch.cat([self.positions, new_positions])
+        if self.kv_heads is not None:
+            new_positions = new_positions.expand(self.kv_heads, -1)
+        self.positions = new_positions if self.positions is None else torch.cat([self.positions, new_positions], -1)
 
     def absorb(self, probs: torch.Tensor, new_positions: torch.Tensor, decay: float) -> None:
         """Add a chunk's attention ``(B, H_q, Q, K_old+Q)`` to the running mass, decayed by ``decay`` per query."""
@@ -83,9 +112,17 @@ class _LayerState:
         self.append_positions(new_positions)
 
     def keep(self, index: torch.Tensor) -> None:
-        if self.mass is not None:
-            self.mass = self.mass[..., index]
-        self.positions = self.positions[index]
+        """Keep slots ``index``: ``(K',)`` shared, or ``(H_kv, K')`` per KV head."""
+        if index.dim() == 1:
+            if self.mass is not None:
+                self.mass = self.mass[..., index]
+            self.positions = self.positions[index]
+        else:
+            if self.mass is not None:
+                b, h_q, _ = self.mass.shape
+                per_query_head = index.repeat_interleave(h_q // index.shape[0], dim=0)  # GQA groups share a slot
+                self.mass = self.mass.gather(-1, per_query_head[None].expand(b, -1, -1))
+            self.positions = self.positions.gather(-1, index)
         self.chunk_attention = None  # its key axis no longer matches the cache
 
 
@@ -105,20 +142,36 @@ def stream_perplexity(
     chunk_size: int = 16,
     generator: torch.Generator | None = None,
     attention: str = "eager",
+    roles: dict[str, torch.Tensor] | None = None,
+    tokenizer=None,
+    head_mode: str = "shared",
+    evict_every: int = 1,
 ) -> StreamResult:
     """Stream ``input_ids`` ``(1, T)`` through ``model`` with a cache of at most ``budget`` entries per layer.
 
     Args:
         scorer: ranks cache entries; its ``mass_decay`` sets how the running key mass ages.
-        budget: cache entries kept per layer after each chunk (all KV heads keep the same tokens).
+        budget: cache entries kept per layer (and per KV head) after each eviction.
         n_sink: initial positions always kept (attention sinks).
         recent_window: newest positions always kept.
         chunk_size: tokens per forward pass; between evictions the cache briefly holds ``budget + chunk_size``.
         generator: seeds stochastic scorers.
         attention: ``"eager"`` captures each chunk's probabilities; ``"fused"`` runs scored attention and keeps only
             each key's mass (for scorers that need nothing else and do not decay it).
+        roles: optional ``{name: (T,) bool}`` masks over ``input_ids`` (e.g. ``"separator"``), sliced to the cached
+            positions for every view.
+        tokenizer: when given, roles the scorer requires (``Scorer.requires_roles``) and ``roles`` lacks are built
+            from ``input_ids`` (SepLLM's separators).
+        head_mode: ``"shared"`` (one token set per layer, scores averaged over all heads) or ``"per_kv_head"``
+            (each KV head keeps its own ``budget`` tokens, scores averaged over its GQA group).
+        evict_every: evict (down to ``budget``) only once the cache has grown by at least ``evict_every`` entries
+            past the budget, i.e. every ``evict_every`` tokens at ``chunk_size=1``; amortises eviction's fixed cost.
+            The cache then holds up to ``budget + evict_every - 1`` entries between evictions (plus the chunk being
+            fed); :attr:`StreamResult.peak_cache_len` records the real maximum. 1 (default) evicts after every
+            chunk that overflows the budget.
 
-    A budget ≥ T never evicts and reproduces the uncompressed model.
+    A budget ≥ T never evicts and reproduces the uncompressed model (either head mode).
+    Raises ValueError naming the valid range or choices for bad arguments, before any model work.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be (1, T), got {tuple(input_ids.shape)}")
@@ -129,15 +182,21 @@ def stream_perplexity(
         raise ValueError(f"n_sink ({n_sink}) + recent_window ({recent_window}) exceed the budget ({budget})")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    if head_mode not in HEAD_MODES:
+        raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
+    if isinstance(evict_every, bool) or not isinstance(evict_every, int) or evict_every < 1:
+        raise ValueError(f"evict_every must be an int ≥ 1, got {evict_every!r}")
     check_attention_path(attention, [scorer])
     if attention == "fused" and scorer.mass_decay != 1.0:
         raise ValueError(f"{scorer.name} decays its mass per query; the fused path sums chunks undecayed, use 'eager'")
+    token_roles = resolve_roles(scorer, input_ids[0], roles, tokenizer)
 
     config = model.config
     num_layers = config.num_hidden_layers
-    layers = [_LayerState() for _ in range(num_layers)]
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    layers = [_LayerState(kv_heads if head_mode == "per_kv_head" else None) for _ in range(num_layers)]
     cache = DynamicCache(config=config)
-    result = StreamResult(nll_sum=0.0, n_predicted=0)
+    result = StreamResult(nll_sum=0.0, n_predicted=0, head_mode=head_mode)
     decay = float(scorer.mass_decay)
     device = input_ids.device
     chunk_positions = torch.empty(0, dtype=torch.long, device=device)
@@ -167,16 +226,32 @@ def stream_perplexity(
                 for state in layers:
                     state.append_positions(chunk_positions)
             _add_nll(result, logits, input_ids[0, start + 1 : stop + 1])
-            if cache.get_seq_length() > budget:
-                _evict(cache, layers, scorer, budget, n_sink, recent_window, stop - 1, generator)
-                lengths = [cache.layers[i].keys.shape[-2] for i in range(num_layers)]
-                if any(n != budget for n in lengths):
-                    raise RuntimeError(f"eviction left cache lengths {lengths}, expected {budget} in every layer")
-                result.cache_lengths.append(lengths)
-                result.evictions += 1
-                result.max_cache_len = max(result.max_cache_len, max(lengths))
-    result.kept_positions = torch.stack([s.positions for s in layers]) if result.evictions else None
+            length = cache.get_seq_length()
+            result.peak_cache_len = max(result.peak_cache_len, length)
+            if length >= budget + evict_every:
+                _evict(cache, layers, scorer, budget, n_sink, recent_window, stop - 1, generator, roles=token_roles)
+                _record_eviction(result, cache, layers, budget)
+    if result.evictions:
+        result.kept_positions = torch.stack([s.positions for s in layers])
     return result
+
+
+def _record_eviction(result: StreamResult, cache: DynamicCache, layers: list[_LayerState], budget: int) -> None:
+    """Assert that every layer (and every KV head's distinct tokens) holds exactly ``budget`` entries; record it."""
+    lengths = [int(layer.keys.shape[-2]) for layer in cache.layers]
+    value_lengths = [int(layer.values.shape[-2]) for layer in cache.layers]
+    if any(n != budget for n in lengths) or value_lengths != lengths:
+        raise RuntimeError(f"eviction left cache lengths {lengths} (values {value_lengths}), expected {budget} in "
+                           "every layer")
+    if layers[0].kv_heads is not None:
+        # positions stay ascending per head (kept in order, new ones appended), so distinct = 1 + number of steps up
+        heads = [(1 + (s.positions.diff(dim=-1) > 0).sum(dim=-1)).tolist() for s in layers]
+        if any(n != budget for per_layer in heads for n in per_layer):
+            raise RuntimeError(f"per-KV-head eviction left distinct tokens per head {heads}, expected {budget}")
+        result.head_lengths.append(heads)
+    result.cache_lengths.append(lengths)
+    result.evictions += 1
+    result.max_cache_len = max(result.max_cache_len, max(lengths))
 
 
 def _add_nll(result: StreamResult, logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -186,24 +261,61 @@ def _add_nll(result: StreamResult, logits: torch.Tensor, targets: torch.Tensor) 
     result.n_predicted += int(targets.shape[0])
 
 
-def _evict(cache, layers, scorer, budget, n_sink, recent_window, newest, generator) -> None:
+def _view(state: _LayerState, layer, positions: torch.Tensor, newest: int, generator, roles, heads=None,
+          kv_head=None) -> AttentionView:
+    """The scorer's view of one layer's cache (``heads``: the query heads of ``kv_head``'s group, per-head mode)."""
+    attention, mass, keys, values = state.chunk_attention, state.mass, layer.keys, layer.values
+    if heads is not None:
+        attention = None if attention is None else attention[:, heads]
+        mass = None if mass is None else mass[:, heads]
+        keys, values = keys[:, kv_head : kv_head + 1], values[:, kv_head : kv_head + 1]
+    return AttentionView(
+        key_positions=positions,
+        query_positions=state.chunk_positions,
+        attention=attention,
+        key_mass=mass,
+        visible_queries=newest - positions + 1,
+        keys=keys,
+        values=values,
+        roles={name: mask[positions] for name, mask in roles.items()},
+        generator=generator,
+    )
+
+
+def _layer_ranking(state: _LayerState, layer, scorer, newest, generator, roles) -> torch.Tensor:
+    """One layer's float32 ranking: ``(K,)`` shared (mean over all heads) or ``(H_kv, K)`` (each GQA group's mean)."""
+    positions = state.positions
+    if state.kv_heads is None:
+        return scorer(_view(state, layer, positions, newest, generator, roles)).float().mean(dim=1)[0]
+    h_q = state.mass.shape[1] if state.mass is not None else state.kv_heads
+    group = max(h_q // state.kv_heads, 1)
+    return torch.stack([
+        scorer(_view(state, layer, positions[h], newest, generator, roles, heads=slice(h * group, (h + 1) * group),
+                     kv_head=h)).float().mean(dim=1)[0]
+        for h in range(state.kv_heads)
+    ])
+
+
+def _evict(cache, layers, scorer, budget, n_sink, recent_window, newest, generator, *, roles=None) -> None:
+    """Score every layer's cache and keep ``budget`` entries per layer (per KV head in per-head mode).
+
+    Scoring runs layer by layer (each layer has its own view); protection and top-k run once over all layers
+    (their caches have the same length), which saves ~30 small calls per eviction.
+    """
+    roles = roles or {}
+    ranked = torch.stack([_layer_ranking(state, cache.layers[i], scorer, newest, generator, roles)
+                          for i, state in enumerate(layers)])  # (layers, K) or (layers, H_kv, K)
+    positions = torch.stack([state.positions for state in layers])
+    protect = protected_mask(positions, n_sink=n_sink, recent=recent_window, newest_position=newest)
+    index = select_topk(ranked, budget, protect)
     for layer_idx, state in enumerate(layers):
-        positions = state.positions
-        view = AttentionView(
-            key_positions=positions,
-            query_positions=state.chunk_positions,
-            attention=state.chunk_attention,
-            key_mass=state.mass,
-            visible_queries=newest - positions + 1,
-            keys=cache.layers[layer_idx].keys,
-            values=cache.layers[layer_idx].values,
-            generator=generator,
-        )
-        scores = scorer(view)
-        shared = scores.float().mean(dim=1)  # one ranking per layer: every KV head keeps the same tokens
-        protect = protected_mask(positions, n_sink=n_sink, recent=recent_window, newest_position=newest)
-        index = select_topk(shared[0], budget, protect)
-        layer = cache.layers[layer_idx]
-        layer.keys = layer.keys[:, :, index]
-        layer.values = layer.values[:, :, index]
-        state.keep(index)
+        layer, kept = cache.layers[layer_idx], index[layer_idx]
+        if kept.dim() == 1:
+            layer.keys = layer.keys.index_select(2, kept)
+            layer.values = layer.values.index_select(2, kept)
+        else:
+            b, _, _, d = layer.keys.shape
+            gather = kept[None, :, :, None].expand(b, -1, -1, d)
+            layer.keys = layer.keys.gather(2, gather)
+            layer.values = layer.values.gather(2, gather)
+        state.keep(kept)
