@@ -14,6 +14,14 @@ NOTEBOOKS: dict[str, str] = {
     "kernel-scored-attention": "salience.experiments.kernel_scored_attention",
     "kernel-lightning-attention": "salience.experiments.kernel_lightning_attention",
     "kv-snapkv": "salience.experiments.kv_snapkv",
+    "kv-leaderboard": "salience.experiments.kv_leaderboard",
+    "vit-multilayer-flow": "salience.experiments.vit_multilayer_flow",
+    "vit-diversity": "salience.experiments.vit_diversity",
+    "vit-cls-attention": "salience.experiments.vit_cls_attention",
+    "vit-merging": "salience.experiments.vit_merging",
+    "kv-sinks-and-separators": "salience.experiments.kv_sinks_and_separators",
+    "kv-value-aware": "salience.experiments.kv_value_aware",
+    "vit-leaderboard": "salience.experiments.vit_leaderboard",
 }
 
 
