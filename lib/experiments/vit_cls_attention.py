@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from ..data import PHOTO_NAMES
 from ..params import ModelName, NotebookParams
 from ..scorers import get_scorer
+from .vision_params import ImageSize, KeepRatios, PhotoNames
 
 TITLE = "[CLS] attention pruning of ViT tokens: FasterVLM (s148) and VTC-CLS (s7)"
 CLAIM = (
@@ -43,27 +43,20 @@ class Params(NotebookParams):
 
     model: ModelName = Field("dinov2-s", description="embedded ViT name, local folder or Hugging Face id")
     dataset: Literal["mnist", "digits"] = Field("mnist", description="MNIST (28x28) or sklearn digits (8x8)")
-    image_size: int = Field(112, ge=14, le=1036, description="input resolution, a multiple of the patch size 14")
+    image_size: ImageSize = Field(112, description="input resolution, a multiple of the patch size 14")
     n_train: int = Field(200, ge=20, le=4000, description="train images for the probe (unpruned features)")
     n_test: int = Field(150, ge=20, le=1000, description="test images (pruned features)")
     layers: list[int] = Field([3, 6, 9], min_length=1, description="prune after these blocks (2..depth-1)")
-    keeps: list[float] = Field([0.25, 0.1, 0.05], min_length=1, description="kept shares of patches, in (0, 1]")
+    keeps: KeepRatios = Field([0.25, 0.1, 0.05], description="kept shares of patches, in (0, 1]")
     scorers: list[ScorerName] = Field(["cls_last", "cls_penultimate", "multilayer", "random"], min_length=1)
     batch_size: int = Field(50, ge=1, le=4096, description="images per forward pass")
     probe_c: float = Field(1.0, gt=0, le=1e6, description="inverse L2 strength of the logistic-regression probe")
-    photos: list[str] = Field(["astronaut", "chelsea", "coffee", "rocket"], min_length=1,
+    photos: PhotoNames = Field(["astronaut", "chelsea", "coffee", "rocket"],
                               description="sample photos for the overlays")
-    photo_size: int = Field(224, ge=14, le=1036, description="photo resolution (multiple of 14)")
+    photo_size: ImageSize = Field(224, description="photo resolution (multiple of 14)")
     photo_keep: float = Field(0.1, gt=0, le=1, description="kept share of patches in the overlays")
     photo_layer: int = Field(6, ge=2, description="pruning layer of the overlays")
     retention_target: float = Field(0.9, gt=0, le=1, description="FasterVLM's retained share of accuracy")
-
-    @field_validator("image_size", "photo_size")
-    @classmethod
-    def _multiple_of_patch(cls, size: int) -> int:
-        if size % 14:
-            raise ValueError(f"must be a multiple of the patch size 14 (e.g. 112, 224), got {size}")
-        return size
 
     @field_validator("layers")
     @classmethod
@@ -72,21 +65,6 @@ class Params(NotebookParams):
             raise ValueError(f"every layer must be >= 2 (the penultimate-layer scorer reads layer l-1), got {layers}")
         return sorted(set(layers))
 
-    @field_validator("keeps")
-    @classmethod
-    def _keeps(cls, keeps: list[float]) -> list[float]:
-        bad = [k for k in keeps if not 0.0 < k <= 1.0]
-        if bad:
-            raise ValueError(f"every keep must be a ratio in (0, 1], got {bad}")
-        return sorted(set(keeps), reverse=True)
-
-    @field_validator("photos")
-    @classmethod
-    def _photos(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in PHOTO_NAMES]
-        if unknown:
-            raise ValueError(f"unknown photo(s) {unknown}; choices: {', '.join(PHOTO_NAMES)}")
-        return names
 
 
 def make_scorers(names) -> dict:

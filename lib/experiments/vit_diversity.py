@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Literal
 
 import pandas as pd
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from ..params import ModelName, NotebookParams
 from ..scorers import Scorer, get_scorer
-from .vit_multilayer_flow import check_keeps, check_layers, compare, paired_difference, per_image_means
+from .vision_params import ImageSize, KeepRatios, PruneLayers
+from .vit_multilayer_flow import compare, paired_difference, per_image_means
 
 TITLE = "Diversity vs importance at extreme pruning ratios on a ViT: DivPrune (s268), DART (s112), ToDRE (s4)"
 CLAIM = (
@@ -33,11 +34,11 @@ class Params(NotebookParams):
 
     model: ModelName = Field("dinov2-s", description="embedded ViT name, local folder or Hugging Face id")
     dataset: Literal["mnist", "digits"] = Field("mnist", description="digits data set of the probe")
-    image_size: int = Field(112, ge=14, le=1036, description="input side in pixels, a multiple of the patch size 14")
+    image_size: ImageSize = Field(112, description="input side in pixels, a multiple of the patch size 14")
     n_train: int = Field(200, ge=20, le=5000, description="unpruned train images of the probe")
     n_test: int = Field(150, ge=20, le=5000, description="test images, pruned under every configuration")
-    layers: list[int] = Field([6, 9], min_length=1, description="prune after these blocks (1 .. depth - 1)")
-    keeps: list[float] = Field([0.25, 0.1, 0.05], min_length=1, description="kept share of the patches, (0, 1]")
+    layers: PruneLayers = Field([6, 9], description="prune after these blocks (1 .. depth - 1)")
+    keeps: KeepRatios = Field([0.25, 0.1, 0.05], description="kept share of the patches, (0, 1]")
     extreme_keep: float = Field(0.1, gt=0.0, le=1.0, description="kept shares at or below this are 'extreme'")
     random_replicates: int = Field(2, ge=1, le=20, description="seeds of the random baseline (averaged per image)")
     feature: Literal["hidden", "keys"] = Field("hidden", description="token features of DivPrune and ToDRE")
@@ -47,23 +48,6 @@ class Params(NotebookParams):
     batch_size: int = Field(100, ge=1, le=4096, description="images per forward pass")
     photo: str = Field("astronaut", description="sample photo for the kept-token overlay")
     photo_keep: float = Field(0.05, gt=0.0, le=1.0, description="kept share in the overlay figure")
-
-    @field_validator("keeps")
-    @classmethod
-    def _keeps(cls, keeps: list[float]) -> list[float]:
-        return check_keeps(keeps)
-
-    @field_validator("layers")
-    @classmethod
-    def _layers(cls, layers: list[int]) -> list[int]:
-        return check_layers(layers)
-
-    @field_validator("image_size")
-    @classmethod
-    def _patch_multiple(cls, size: int) -> int:
-        if size % 14:
-            raise ValueError(f"image_size must be a multiple of the patch size 14 (112 = 8x8 patches), got {size}")
-        return size
 
     @model_validator(mode="after")
     def _has_extreme_cells(self) -> "Params":

@@ -10,6 +10,8 @@ so a scorer that wins only at one depth shows it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
@@ -17,6 +19,7 @@ from pydantic import Field, field_validator
 from ..metrics import Metric, area_under_curve, sort_by_metric
 from ..params import ModelName, NotebookParams
 from ..scorers import get_scorer
+from .vision_params import ImageSize
 
 TITLE = "Visual-token leaderboard: every scorer × kept share × layer on DINOv2-S (s148, s7, s13, s23, s4, s112, s268, s242, s1)"
 CLAIM = (
@@ -65,8 +68,8 @@ class Params(NotebookParams):
     notebook = "vit-leaderboard"
 
     model: ModelName = Field("dinov2-s", description="embedded ViT name, local folder or Hugging Face id")
-    dataset: str = Field("mnist", description="mnist (28x28) or digits (sklearn 8x8)")
-    image_size: int = Field(112, ge=14, le=1036, description="input resolution, a multiple of the patch size 14")
+    dataset: Literal["mnist", "digits"] = Field("mnist", description="mnist (28x28) or digits (sklearn 8x8)")
+    image_size: ImageSize = Field(112, description="input resolution, a multiple of the patch size 14")
     n_train: int = Field(200, ge=20, le=4000, description="train images for the probe (unpruned features)")
     n_test: int = Field(100, ge=20, le=1000, description="test images (reduced features)")
     layers: list[int] = Field([4, 8], min_length=1, description="prune after these blocks (2..depth-1)")
@@ -75,20 +78,6 @@ class Params(NotebookParams):
     batch_size: int = Field(60, ge=1, le=4096, description="images per forward pass")
     probe_c: float = Field(1.0, gt=0, le=1e6, description="inverse L2 strength of the logistic-regression probe")
     random_margin: float = Field(0.1, gt=0, lt=1, description="random counts as strong within this share of the best")
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset(cls, name: str) -> str:
-        if name not in ("mnist", "digits"):
-            raise ValueError(f"dataset must be 'mnist' or 'digits', got {name!r}")
-        return name
-
-    @field_validator("image_size")
-    @classmethod
-    def _multiple_of_patch(cls, size: int) -> int:
-        if size % 14:
-            raise ValueError(f"must be a multiple of the patch size 14 (e.g. 112, 224), got {size}")
-        return size
 
     @field_validator("layers")
     @classmethod

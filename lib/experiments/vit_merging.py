@@ -22,12 +22,12 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from tqdm import tqdm
 
-from ..data import PHOTO_NAMES
 from ..params import ModelName, NotebookParams
 from ..scorers import get_scorer
+from .vision_params import ImageSize, KeepRatios, PhotoNames, PruneLayers
 
 TITLE = "Merging vs dropping ViT tokens: ToMe and VisionZip (s242) against [CLS]-attention dropping (s148)"
 CLAIM = (
@@ -46,55 +46,26 @@ class Params(NotebookParams):
 
     model: ModelName = Field("dinov2-s", description="embedded ViT name, local folder or Hugging Face id")
     dataset: Literal["mnist", "digits"] = Field("mnist", description="MNIST (28x28) or sklearn digits (8x8)")
-    image_size: int = Field(112, ge=14, le=1036, description="input resolution, a multiple of the patch size 14")
+    image_size: ImageSize = Field(112, description="input resolution, a multiple of the patch size 14")
     n_train: int = Field(200, ge=20, le=4000, description="train images for the probe (unpruned features)")
     n_test: int = Field(150, ge=20, le=1000, description="test images (reduced features)")
-    layers: list[int] = Field([3, 6], min_length=1, description="reduce after these blocks (1..depth-1)")
-    keeps: list[float] = Field([0.25, 0.1, 0.05], min_length=1, description="kept shares of patches, in (0, 1]")
+    layers: PruneLayers = Field([3, 6], description="reduce after these blocks (1..depth-1)")
+    keeps: KeepRatios = Field([0.25, 0.1, 0.05], description="kept shares of patches, in (0, 1]")
     contextual: float = Field(0.16, ge=0, lt=1, description="VisionZip: share of the budget given to merged tokens")
     proportional_attention: bool = Field(True, description="add log(size) to merged keys' attention logits")
     batch_size: int = Field(50, ge=1, le=4096, description="images per forward pass")
     probe_c: float = Field(1.0, gt=0, le=1e6, description="inverse L2 strength of the logistic-regression probe")
-    latency_size: int = Field(224, ge=14, le=1036, description="resolution of the timing runs (224: 256 patches)")
+    latency_size: ImageSize = Field(224, description="resolution of the timing runs (224: 256 patches)")
     latency_batch: int = Field(8, ge=1, le=1024, description="images per timed forward pass")
-    latency_keeps: list[float] = Field([0.5, 0.25, 0.1], min_length=1, description="kept shares timed")
+    latency_keeps: KeepRatios = Field([0.5, 0.25, 0.1], description="kept shares timed")
     latency_layer: int = Field(3, ge=1, description="reduction layer of the timing runs")
     repeats: int = Field(3, ge=1, le=100, description="timed repeats (median), after one warm-up round")
-    photos: list[str] = Field(["astronaut", "chelsea", "coffee"], min_length=1, description="photos for overlays")
+    photos: PhotoNames = Field(["astronaut", "chelsea", "coffee"], description="photos for overlays")
     photo_keep: float = Field(0.1, gt=0, le=1, description="kept share in the overlays")
     photo_layer: int = Field(3, ge=1, description="reduction layer of the overlays")
     min_speedup: float = Field(1.25, ge=1, le=100, description="speed-up at the smallest timed share that counts "
                                                                 "as really faster")
 
-    @field_validator("image_size", "latency_size")
-    @classmethod
-    def _multiple_of_patch(cls, size: int) -> int:
-        if size % 14:
-            raise ValueError(f"must be a multiple of the patch size 14 (e.g. 112, 224), got {size}")
-        return size
-
-    @field_validator("keeps", "latency_keeps")
-    @classmethod
-    def _keeps(cls, keeps: list[float]) -> list[float]:
-        bad = [k for k in keeps if not 0.0 < k <= 1.0]
-        if bad:
-            raise ValueError(f"every keep must be a ratio in (0, 1], got {bad}")
-        return sorted(set(keeps), reverse=True)
-
-    @field_validator("layers")
-    @classmethod
-    def _layers(cls, layers: list[int]) -> list[int]:
-        if any(layer < 1 for layer in layers):
-            raise ValueError(f"every layer must be >= 1, got {layers}")
-        return sorted(set(layers))
-
-    @field_validator("photos")
-    @classmethod
-    def _photos(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in PHOTO_NAMES]
-        if unknown:
-            raise ValueError(f"unknown photo(s) {unknown}; choices: {', '.join(PHOTO_NAMES)}")
-        return names
 
 
 def scorers() -> dict:

@@ -19,10 +19,11 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from ..params import ModelName, NotebookParams
 from ..scorers import Scorer, get_scorer
+from .vision_params import ImageSize, KeepRatios, PruneLayers
 
 TITLE = "Multi-layer flow vs single-layer [CLS] attention on a ViT: FlowCut (s23), HiPrune (s13), FasterVLM (s148)"
 CLAIM = (
@@ -34,20 +35,6 @@ SINGLE_LAYER = ("cls_attention", "cls_attention_prev")
 MULTI_LAYER = ("flowcut", "hiprune")
 
 
-def check_keeps(keeps: list[float]) -> list[float]:
-    bad = [k for k in keeps if not 0.0 < k <= 1.0]
-    if bad:
-        raise ValueError(f"every keep ratio must lie in (0, 1], got {bad}")
-    return sorted(set(keeps), reverse=True)
-
-
-def check_layers(layers: list[int]) -> list[int]:
-    # the model's depth is checked again by the harness before anything runs (12 for dinov2-s)
-    bad = [layer for layer in layers if layer < 1]
-    if bad:
-        raise ValueError(f"every pruning layer must be ≥ 1 (prune after that block, below the model's depth), got {bad}")
-    return sorted(set(layers))
-
 
 class Params(NotebookParams):
     """Parameters of ``vit-multilayer-flow`` (defaults: the CPU run, about two minutes on 2 idle cores)."""
@@ -56,33 +43,17 @@ class Params(NotebookParams):
 
     model: ModelName = Field("dinov2-s", description="embedded ViT name, local folder or Hugging Face id")
     dataset: Literal["mnist", "digits"] = Field("mnist", description="digits data set of the probe")
-    image_size: int = Field(112, ge=14, le=1036, description="input side in pixels, a multiple of the patch size 14")
+    image_size: ImageSize = Field(112, description="input side in pixels, a multiple of the patch size 14")
     n_train: int = Field(200, ge=20, le=5000, description="unpruned train images of the probe")
     n_test: int = Field(150, ge=20, le=5000, description="test images, pruned under every configuration")
-    layers: list[int] = Field([6, 9], min_length=1, description="prune after these blocks (1 .. depth - 1)")
-    keeps: list[float] = Field([0.5, 0.25, 0.1], min_length=1, description="kept share of the patches, (0, 1]")
+    layers: PruneLayers = Field([6, 9], description="prune after these blocks (1 .. depth - 1)")
+    keeps: KeepRatios = Field([0.5, 0.25, 0.1], description="kept share of the patches, (0, 1]")
     hiprune_alpha: float = Field(0.1, gt=0.0, le=1.0, description="HiPrune share of anchor + buffer tokens")
     probe_C: float = Field(1.0, gt=0.0, description="inverse L2 strength of the logistic-regression probe")
     batch_size: int = Field(100, ge=1, le=4096, description="images per forward pass")
     photo: str = Field("astronaut", description="sample photo for the kept-token overlay")
     photo_keep: float = Field(0.1, gt=0.0, le=1.0, description="kept share in the overlay figure")
 
-    @field_validator("keeps")
-    @classmethod
-    def _keeps(cls, keeps: list[float]) -> list[float]:
-        return check_keeps(keeps)
-
-    @field_validator("layers")
-    @classmethod
-    def _layers(cls, layers: list[int]) -> list[int]:
-        return check_layers(layers)
-
-    @field_validator("image_size")
-    @classmethod
-    def _patch_multiple(cls, size: int) -> int:
-        if size % 14:
-            raise ValueError(f"image_size must be a multiple of the patch size 14 (112 = 8x8 patches), got {size}")
-        return size
 
 
 def scorers(params: Params) -> dict[str, Scorer]:

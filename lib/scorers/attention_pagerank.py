@@ -9,6 +9,16 @@ import torch
 from .base import AttentionView, Scorer, register
 
 
+def check_walk(damping: float, tol: float, max_iter: int) -> None:
+    """Settings of a damped random walk solved by power iteration (shared with G-Prune's propagation)."""
+    if not 0.0 < damping < 1.0:
+        raise ValueError(f"damping must lie in (0, 1), got {damping}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be ≥ 1, got {max_iter}")
+
+
 @register
 @dataclass
 class AttentionPageRank(Scorer):
@@ -36,12 +46,7 @@ class AttentionPageRank(Scorer):
     max_iter: int = 100
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.damping < 1.0:
-            raise ValueError(f"damping must lie in (0, 1), got {self.damping}")
-        if not self.tol > 0:
-            raise ValueError(f"tol must be > 0, got {self.tol}")
-        if self.max_iter < 1:
-            raise ValueError(f"max_iter must be ≥ 1, got {self.max_iter}")
+        check_walk(self.damping, self.tol, self.max_iter)
 
     def score(self, view: AttentionView) -> torch.Tensor:
         if view.attention is None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention_pagerank import check_walk
 from .base import AttentionView, Scorer, register
 from .vision_common import FEATURES, cls_mask, cls_rows, cosine_similarity, layer_attention, token_features
 
@@ -41,12 +42,7 @@ class GraphPropagation(Scorer):
     prior: str = "uniform"
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.damping < 1.0:
-            raise ValueError(f"damping must lie in (0, 1), got {self.damping}")
-        if not self.tol > 0:
-            raise ValueError(f"tol must be > 0, got {self.tol}")
-        if self.max_iter < 1:
-            raise ValueError(f"max_iter must be ≥ 1, got {self.max_iter}")
+        check_walk(self.damping, self.tol, self.max_iter)
         if self.feature not in FEATURES:
             raise ValueError(f"feature must be one of {FEATURES}, got {self.feature!r}")
         if self.prior not in PRIORS:
