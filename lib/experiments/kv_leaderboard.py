@@ -77,7 +77,7 @@ class Params(NotebookParams):
 
     model: ModelName = Field("smollm2-135m", description="embedded model name, local folder or Hugging Face id")
     scorers: list[KVScorerName] = Field(list(KV_SCORERS), min_length=2, description="family-A scorers ranked")
-    budgets: list[float] = Field([0.125, 0.25, 0.5], min_length=2, description="kept ratios of the context, in (0, 1)")
+    budgets: list[float] = Field([0.125, 0.5], min_length=2, description="kept ratios of the context, in (0, 1)")
     context_tokens: int = Field(128, ge=32, le=131072, description="context tokens compressed (both tasks)")
     continuation_tokens: int = Field(32, ge=2, le=4096, description="Wikipedia tokens scored after compression")
     n_documents: int = Field(2, ge=1, le=1000, description="Wikipedia continuations")
