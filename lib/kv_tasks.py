@@ -143,13 +143,15 @@ def continuation_metrics(
     recent_window: int = 0,
     attention: str = "eager",
     generator: torch.Generator | None = None,
+    tokenizer=None,
 ) -> pd.DataFrame:
     """NLL, perplexity and KL to the full cache of ``continuation_ids`` ``(1, n ≥ 2)`` after compressing
     ``context_ids`` ``(1, T)`` (query-agnostic), for every scorer and budget.
 
     ``scorers``: one scorer or name, a list, or ``{label: scorer}``; ``budgets``: one or a list of ratios in (0, 1]
     or token counts in [1, T]. The first row is the uncompressed model (one forward pass of context + continuation),
-    which is also the KL reference. Columns: scorer, budget, budget_tokens, budget_ratio, context_len, head_mode,
+    which is also the KL reference. ``tokenizer``: lets the harness build the token roles a scorer requires
+    (SepLLM's separators). Columns: scorer, budget, budget_tokens, budget_ratio, context_len, head_mode,
     n_predicted, nll (mean nats per token), perplexity, kl_mean, kl_max (nats), top1_agreement.
     """
     context_ids = _check_ids(context_ids, "context_ids")
@@ -167,7 +169,8 @@ def continuation_metrics(
     for label, scorer in items:
         for budget in budgets:
             compressed = compress_prefill(model, context_ids, scorer, budget, head_mode=head_mode, n_sink=n_sink,
-                                          recent_window=recent_window, attention=attention, generator=generator)
+                                          recent_window=recent_window, attention=attention, generator=generator,
+                                          tokenizer=tokenizer)
             logp = torch.log_softmax(continuation_logits(model, compressed, continuation_ids)[0], dim=-1)
             rows.append(_continuation_row(label, budget, compressed.budget_tokens, context_len, logp, ref_logp,
                                           targets, head_mode=head_mode))
@@ -300,7 +303,7 @@ def needle_accuracy(
                 compressed = compress_prefill(
                     model, context, scorer, budget, question_ids=question if query_aware else None,
                     query_aware=query_aware, head_mode=head_mode, n_sink=n_sink, recent_window=recent_window,
-                    attention=attention, generator=generator)
+                    attention=attention, generator=generator, tokenizer=tokenizer)
                 rows.append(row(label, budget, compressed, prefix if query_aware else _cat(question, prefix),
                                 head_mode))
     return pd.DataFrame(rows)

@@ -32,19 +32,52 @@ def test_every_family_a_scorer_runs_on_the_causal_kv_view():
         assert not cov.loc["cls_attention", "runs_on_kv_view"] and "cls" in cov.loc["cls_attention", "error"]
 
 
-def test_with_roles_pads_the_masks_and_matches_sepllm_by_hand():
-    sep = torch.tensor([False, False, True, False])
-    bound = lb.WithRoles(inner=get_scorer("sepllm"), roles={"separator": sep})
-    assert bound.name == "sepllm" and bound.needs == frozenset()
-    pos = torch.arange(5)  # one more key than the mask (a question token): padded with False
-    view = AttentionView(key_positions=pos, key_mass=torch.zeros(1, 2, 5))
-    out = bound(view)
-    expected = torch.tensor([0, 1, 2, 3, 4]) / 10 + torch.tensor([0, 0, 1, 0, 0])  # 1[sep] + pos / (2 (max + 1))
-    assert out.shape == (1, 2, 5) and torch.allclose(out[0, 1], expected)
-    with pytest.raises(ValueError, match="more than the view's 3 keys"):
-        bound(AttentionView(key_positions=torch.arange(3), key_mass=torch.zeros(1, 2, 3)))
-    with pytest.raises(ValueError, match="inner must be a Scorer"):
-        lb.WithRoles(inner="sepllm")
+@pytest.mark.parametrize("task", ["continuation", "needle"])
+def test_kv_tasks_hand_the_tokenizer_to_the_harness(monkeypatch, task):
+    """SepLLM's separator role is built by compress_prefill from the tokenizer; the task helpers must pass it on."""
+    import salience.kv_tasks as kv_tasks
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_compress(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(kv_tasks, "compress_prefill", fake_compress)
+    ids = torch.arange(12)[None]
+
+    class Model(torch.nn.Module):  # logits of zeros: the uncompressed reference row needs a forward pass
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, **kwargs):
+            return type("Out", (), {"logits": torch.zeros(1, x.shape[1], 5)})()
+
+    class Tokenizer:
+        eos_token_id = 0
+
+        def decode(self, tokens, **kwargs):
+            return ""
+
+    tokenizer = Tokenizer()
+    with pytest.raises(Stop):
+        if task == "continuation":
+            kv_tasks.continuation_metrics(Model(), ids, torch.arange(3)[None], "sepllm", [0.5], tokenizer=tokenizer)
+        else:
+            monkeypatch.setattr(kv_tasks, "needle_inputs", lambda *a, **k: kv_tasks.NeedleInputs(
+                context_ids=ids, question_ids=ids[:, :2], answer_prefix_ids=None, needle_span=(2, 4)))
+            full = type("Full", (), {"span_kept": lambda self, a, b: torch.ones(1), "budget_tokens": 12,
+                                     "budget_ratio": 1.0})()
+            monkeypatch.setattr(kv_tasks, "full_prefill", lambda *a, **k: full)
+            monkeypatch.setattr(kv_tasks, "greedy_tokens", lambda *a, **k: [])
+            monkeypatch.setattr(kv_tasks, "_eos_ids", lambda *a, **k: set())
+            prompt = type("Prompt", (), {"depth": 0.5, "answer": "1"})()
+            kv_tasks.needle_accuracy(Model(), tokenizer, [prompt], "sepllm", [0.5])
+    assert seen["tokenizer"] is tokenizer
 
 
 @pytest.mark.parametrize("values,needle", [

@@ -23,7 +23,6 @@ whether it even runs on a causal KV view (most fail with a clear error: no [CLS]
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -152,50 +151,10 @@ def attention_based(scorer: Scorer) -> bool:
     return bool(scorer.needs & {"attention", "key_mass"})
 
 
-@dataclass
-class WithRoles(Scorer):
-    """``inner`` with fixed token roles (``{name: (T,) bool}`` over the context) added to every view it scores.
-
-    :mod:`salience.kv_tasks` passes no roles to the harness, so a role-reading scorer (SepLLM's separators) gets them
-    here. A view longer than the masks (query-aware prompts: the question follows the context) gets ``False`` for the
-    extra keys. Name, needs and decay are the inner scorer's.
-    """
-
-    inner: Scorer | None = None
-    roles: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.inner, Scorer):
-            raise ValueError(f"inner must be a Scorer, got {self.inner!r}")
-        self.name = self.inner.name
-        self.needs = self.inner.needs
-        self.mass_decay = self.inner.mass_decay
-
-    def score(self, view: AttentionView) -> torch.Tensor:
-        k = view.num_keys
-        roles = {}
-        for name, mask in self.roles.items():
-            mask = mask.to(torch.bool).to(view.key_positions.device)
-            if mask.shape[0] > k:
-                raise ValueError(f"role {name!r} has {mask.shape[0]} entries, more than the view's {k} keys")
-            roles[name] = torch.nn.functional.pad(mask, (0, k - mask.shape[0]))
-        return self.inner(replace(view, roles={**roles, **view.roles}))
-
-
-def scorers_for(context_ids: torch.Tensor, tokenizer, params: Params) -> dict[str, Scorer]:
-    """``{name: scorer}`` for one context ``(1, T)``; role-reading scorers get that context's roles."""
-    from ..scorers import separator_mask
-
-    out = {}
-    for name in params.scorers:
-        scorer = make_scorer(name, params)
-        if scorer.requires_roles:
-            roles = {}
-            if "separator" in scorer.requires_roles:
-                roles["separator"] = separator_mask(context_ids[0].cpu(), tokenizer)
-            scorer = WithRoles(inner=scorer, roles=roles)
-        out[name] = scorer
-    return out
+def scorers(params: Params) -> dict[str, Scorer]:
+    """``{name: scorer}`` of the leaderboard; role-reading scorers (SepLLM) get their roles from the harness, which
+    is given the tokenizer."""
+    return {name: make_scorer(name, params) for name in params.scorers}
 
 
 def registry_coverage(params: Params) -> pd.DataFrame:
@@ -236,8 +195,9 @@ def continuation_runs(model, tokenizer, params: Params) -> pd.DataFrame:
     for d, (context, continuation) in enumerate(tqdm(pairs, desc="continuation: documents")):
         gen = torch.Generator().manual_seed(params.seed * 1000 + d)
         df = continuation_metrics(model, context.to(device), continuation.to(device),
-                                  scorers_for(context, tokenizer, params), params.budgets, head_mode=params.head_mode,
-                                  n_sink=params.n_sink, recent_window=params.recent_window, generator=gen)
+                                  scorers(params), params.budgets, head_mode=params.head_mode,
+                                  n_sink=params.n_sink, recent_window=params.recent_window, generator=gen,
+                                  tokenizer=tokenizer)
         frames.append(df.assign(doc=d))
     return pd.concat(frames, ignore_index=True)
 
@@ -260,7 +220,7 @@ def needle_runs(model, tokenizer, prompts, params: Params) -> pd.DataFrame:
     for k, prompt in enumerate(tqdm(prompts, desc="passkey: prompts")):
         context = needle_inputs(tokenizer, prompt, answer_prefix=params.answer_prefix).context_ids
         gen = torch.Generator().manual_seed(params.seed * 1000 + 500 + k)
-        df = needle_accuracy(model, tokenizer, [prompt], scorers_for(context, tokenizer, params), params.budgets,
+        df = needle_accuracy(model, tokenizer, [prompt], scorers(params), params.budgets,
                              head_mode=params.head_mode, n_sink=params.n_sink, recent_window=params.recent_window,
                              generator=gen, max_new_tokens=params.max_new_tokens, answer_prefix=params.answer_prefix)
         frames.append(df.assign(prompt=k))
