@@ -1,5 +1,10 @@
 """Notebook parameters: one typed, validated object per notebook, loaded from ``params/<notebook>[.<set>].yaml``.
 
+**One source for each default**: ``params/<notebook>.yaml`` (the embedded default set) holds every default value. The
+``Params`` class declares types, ranges and descriptions but no default values; the notebook's papermill
+``parameters`` cell is generated from the YAML (``salience store`` rewrites it; a test keeps them equal). A named set
+``params/<notebook>.<set>.yaml`` lists only what differs from the default set (it may repeat the rest).
+
 Validation happens before any model loads. Errors are one line naming the file, the key and what is allowed, so a
 typo in a YAML file costs seconds, not a two-minute run.
 """
@@ -11,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .paths import params_dir
 
@@ -31,8 +36,8 @@ class NotebookParams(BaseModel):
     #: the notebook (file stem under notebooks/) these parameters belong to
     notebook: ClassVar[str] = ""
 
-    seed: int = 0
-    device: str = "cpu"
+    seed: int = Field(description="seed of every random choice (data subsets, random scorers, bootstrap)")
+    device: str = Field(description="cpu, cuda, cuda:N or mps")
 
     @field_validator("device")
     @classmethod
@@ -45,6 +50,11 @@ class NotebookParams(BaseModel):
     def from_namespace(cls, namespace: dict[str, Any]) -> "NotebookParams":
         """Build from a notebook's globals (the papermill parameters cell), taking only declared fields."""
         return validate_params(cls, {k: namespace[k] for k in cls.model_fields if k in namespace})
+
+    @classmethod
+    def defaults(cls, **overrides: Any) -> "NotebookParams":
+        """The embedded default set ``params/<notebook>.yaml``, with ``overrides`` applied, validated."""
+        return load_params(cls.notebook, DEFAULT_SET, overrides, cls=cls)
 
 
 def check_model_name(value: str) -> str:
@@ -106,20 +116,31 @@ def param_sets(notebook: str) -> list[str]:
     return sets
 
 
-def load_params(notebook: str, param_set: str = DEFAULT_SET, overrides: dict[str, Any] | None = None) -> NotebookParams:
-    """Read and validate a parameter set; ``overrides`` (e.g. from ``-p key=value``) win over the file."""
-    from .experiments import params_class
-
-    cls = params_class(notebook)
-    path = param_file(notebook, param_set)
-    if not path.is_file():
-        available = ", ".join(param_sets(notebook)) or "none"
-        raise ParamsError(f"{notebook}: no parameter set {param_set!r} ({path} missing); available: {available}")
+def read_param_file(path: Path) -> dict[str, Any]:
+    """The mapping in one parameter file (one-line ParamsError if it is missing, not YAML or not a mapping)."""
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise ParamsError(f"{path}: expected a mapping of parameter names to values, got {type(values).__name__}")
+    return values
+
+
+def load_params(notebook: str, param_set: str = DEFAULT_SET, overrides: dict[str, Any] | None = None,
+                cls: type[NotebookParams] | None = None) -> NotebookParams:
+    """Read and validate a parameter set on top of the default set; ``overrides`` (``-p key=value``) win over both."""
+    if cls is None:
+        from .experiments import params_class
+
+        cls = params_class(notebook)
+    path = param_file(notebook, param_set)
+    if not path.is_file():
+        available = ", ".join(param_sets(notebook)) or "none"
+        raise ParamsError(f"{notebook}: no parameter set {param_set!r} ({path} missing); available: {available}")
+    default_path = param_file(notebook, DEFAULT_SET)
+    values = read_param_file(default_path) if default_path.is_file() else {}
+    if param_set != DEFAULT_SET:
+        values.update(read_param_file(path))
     values.update(overrides or {})
     return validate_params(cls, values, source=f"{path.parent.name}/{path.name}")

@@ -1,4 +1,4 @@
-"""A run's record, written from inside a notebook: figures, tables, Findings, verdict and ``run.json``.
+"""A run's record, written from inside a notebook: figures, tables, ``claims.json``, Findings and ``run.json``.
 
 The runner passes ``output_dir``; an interactive session (JupyterLab, nbval) writes to
 ``outputs/<notebook>/interactive/``. Every file is written atomically (temp file + rename).
@@ -18,10 +18,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .evidence import Claim
 from .params import NotebookParams
 from .paths import REPO_ROOT, outputs_dir
 
-VERDICTS = ("supported", "partly supported", "not supported", "inconclusive")
+#: environment variable the runner sets for ``salience run --threads N`` (torch's intra-op threads in the kernel)
+THREADS_ENV = "SALIENCE_THREADS"
 _VERSIONED = ("token-salience", "torch", "transformers", "triton", "numpy", "pandas", "datasets", "papermill")
 
 
@@ -79,6 +81,7 @@ class Run:
     tables: list[dict[str, Any]] = field(default_factory=list)
     verdict: dict[str, str] | None = None
     findings: str | None = None
+    claim: Claim | None = None
 
     def _next_name(self, folder: str, stem: str, ext: str) -> str:
         count = len(self.figures) if folder == "figures" else len(self.tables)
@@ -103,13 +106,16 @@ class Run:
         self.tables.append({"file": rel, "caption": caption, "key": key})
         return self.output_dir / rel
 
-    def conclude(self, verdict: str, summary: str, findings_markdown: str) -> None:
-        """Record the claim's verdict (computed by the notebook from its numbers) and the Findings text."""
-        if verdict not in VERDICTS:
-            raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
-        self.verdict = {"label": verdict, "summary": summary}
-        self.findings = findings_markdown
-        atomic_write_text(self.output_dir / "findings.md", findings_markdown)
+    def conclude(self, claim: Claim) -> str:
+        """Record the judged claim: ``claims.json``, the Findings text rendered from it, and the verdict in run.json.
+
+        Returns the Findings markdown (what the notebook's last cell displays)."""
+        self.claim = claim
+        self.verdict = {"label": claim.label, "summary": claim.summary}
+        self.findings = claim.markdown()
+        atomic_write_text(self.output_dir / "claims.json", json.dumps(claim.to_dict(), indent=2))
+        atomic_write_text(self.output_dir / "findings.md", self.findings)
+        return self.findings
 
     def record(self) -> dict[str, Any]:
         return {
@@ -122,6 +128,7 @@ class Run:
             "params": self.params.model_dump(mode="json"),
             "seed": self.params.seed,
             "device": self.params.device,
+            "threads": torch_threads(),
             "git_commit": git_commit(),
             "versions": package_versions(),
             "started": datetime.fromtimestamp(self.started, timezone.utc).isoformat(timespec="seconds"),
@@ -138,10 +145,21 @@ class Run:
         return path
 
 
+def torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
 def start_run(params: NotebookParams, output_dir: str | Path | None, *, title: str, claim: str) -> Run:
-    """Begin recording a run: seeds every RNG, resolves the output folder, returns the :class:`Run`."""
+    """Begin recording a run: sets torch's threads when the runner asks (``salience run --threads N``), seeds every
+    RNG, resolves the output folder, returns the :class:`Run`."""
+    import torch
+
     from .seeding import seed_everything
 
+    if os.environ.get(THREADS_ENV):
+        torch.set_num_threads(int(os.environ[THREADS_ENV]))
     seed_everything(params.seed)
     folder = Path(output_dir) if output_dir else outputs_dir() / params.notebook / "interactive"
     folder.mkdir(parents=True, exist_ok=True)

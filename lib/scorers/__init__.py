@@ -30,6 +30,7 @@ from .probe_attention import ProbeNormalizedAttention, probe_rows
 from .random_baseline import RandomScorer
 from .recency import RecencyScorer
 from .separators import SeparatorScorer, separator_mask
+from .spec import ScorerList, ScorerSpec, build_scorers
 from .value_aware_attention import ValueAwareAttention
 from .window_attention import WindowAttention
 
@@ -47,10 +48,13 @@ __all__ = [
     "RandomScorer",
     "RecencyScorer",
     "Scorer",
+    "ScorerList",
+    "ScorerSpec",
     "SeparatorScorer",
     "ValueAwareAttention",
     "WindowAttention",
     "available_scorers",
+    "build_scorers",
     "get_scorer",
     "probe_rows",
     "register",
