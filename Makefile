@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 JOBS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup run report test test-fast lab store clean-outputs
+.PHONY: setup run report test test-fast lab store verdict-stability clean-outputs
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,10 @@ test-fast: setup
 ## lab: JupyterLab on notebooks/ with the package importable
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+## verdict-stability: every notebook on its defaults with 1 and with 2 torch threads; fails if any label differs
+verdict-stability: setup
+	$(VENV)/bin/salience stability $(NB)
 
 ## store NB=name: re-execute a notebook in place on its defaults (the outputs nbval compares)
 store: setup

@@ -2,10 +2,11 @@
 
     salience list                              notebooks, their parameter sets and last status
     salience validate [NB ...] [--params SET]  check parameter files, run nothing
-    salience run [NB ...] [--params SET] [-p key=value ...] [-j N] [--timeout S] [--no-report]
+    salience run [NB ...] [--params SET] [-p key=value ...] [-j N] [--timeout S] [--threads N] [--no-report]
     salience report [--interactive]            rebuild outputs/report/index.html
     salience zoo prepare [NAME ...]            convert the embedded models into the cache (once)
     salience store NB [NB ...]                 execute a notebook in place on its defaults (the outputs nbval checks)
+    salience stability [NB ...] [--threads 1 2]  run on 1 and on 2 threads; exit 1 if any verdict differs
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from .runner import plan, run_many, summary
 
-    specs = plan(args.notebooks or None, args.params, _overrides(args.p), args.timeout)
+    specs = plan(args.notebooks or None, args.params, _overrides(args.p), args.timeout, args.threads)
     outcomes = run_many(specs, jobs=args.jobs)
     print(summary(outcomes))
     if not args.no_report:
@@ -93,6 +94,16 @@ def cmd_store(args) -> int:
     return 0
 
 
+def cmd_stability(args) -> int:
+    from .stability import verdict_stability
+
+    table, stable = verdict_stability(args.notebooks or None, threads=args.threads, timeout_s=args.timeout,
+                                      keep=args.keep)
+    print(table.to_string(index=False))
+    print("verdicts identical across thread counts" if stable else "VERDICTS DIFFER across thread counts")
+    return 0 if stable else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="salience", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             p.add_argument("-j", "--jobs", type=int, default=1, help="notebooks run in parallel processes")
             p.add_argument("--timeout", type=float, default=900.0, help="seconds per notebook (default 900)")
+            p.add_argument("--threads", type=int, default=None,
+                           help="torch/OpenMP threads of each notebook's kernel (default: torch's own choice)")
             p.add_argument("--no-report", action="store_true", help="skip rebuilding the HTML report")
         p.set_defaults(func=func)
     report = sub.add_parser("report", help="rebuild the HTML report")
@@ -114,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("action", choices=["prepare"])
     zoo.add_argument("names", nargs="*")
     zoo.set_defaults(func=cmd_zoo)
+    stab = sub.add_parser("stability", help="run notebooks on 1 and 2 threads and compare every verdict")
+    stab.add_argument("notebooks", nargs="*", help="notebook names (default: all)")
+    stab.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts compared (default 1 2)")
+    stab.add_argument("--timeout", type=float, default=1800.0, help="seconds per notebook run")
+    stab.add_argument("--keep", default=None, help="keep the runs' outputs in this folder (default: a temporary one)")
+    stab.set_defaults(func=cmd_stability)
     store = sub.add_parser("store", help="execute notebooks in place on their defaults (nbval's reference outputs)")
     store.add_argument("notebooks", nargs="+")
     store.set_defaults(func=cmd_store)

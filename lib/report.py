@@ -1,4 +1,6 @@
-"""The HTML report over run folders: ``outputs/report/index.html`` plus one page per executed notebook.
+"""The HTML report over run folders: ``outputs/report/index.html``, a Claims page (``claims.html``: every judged
+part of every notebook's claim in one sortable table with a forest plot), a References page (``references.html``:
+every paper key, linked from Findings and claims) and one page per executed notebook.
 
 Reads the runner's contract (``outputs/<notebook>/<param_set>[.failed]/`` with ``run.json``, ``findings.md``,
 ``figures/*.png``, ``tables/*.csv`` and ``executed.ipynb``) and writes a self-contained folder that opens from the
@@ -30,6 +32,8 @@ import jinja2
 import mistune
 
 from salience.paths import REPO_ROOT, outputs_dir as default_outputs_dir
+from salience.references import cite_html
+from salience.report_claims import FOREST_RANGE, claim_rows, reference_rows
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 WORKBOOK = "Token salience workbook"
@@ -53,6 +57,7 @@ class Run:
     tables: list[dict] = field(default_factory=list)
     other_tables: list[dict] = field(default_factory=list)
     notebook_href: str | None = None
+    claim: dict | None = None
 
     @property
     def status(self) -> str:
@@ -113,11 +118,12 @@ def flatten(d: dict, prefix: str = "") -> list[tuple[str, str]]:
     return out
 
 
-def render_markdown(text: str) -> str:
+def render_markdown(text: str, refs_href: str = "references.html") -> str:
+    """Markdown to HTML (escaped), with ``[@key]`` citations linked to the References page."""
     lines = text.strip().splitlines()
     if lines and lines[0].lstrip("#").strip().lower().rstrip(":") == "findings" and lines[0].startswith("#"):
         lines = lines[1:]  # the report already labels the section
-    return _markdown("\n".join(lines))
+    return cite_html(_markdown("\n".join(lines)), refs_href)
 
 
 def read_table(path: Path) -> dict:
@@ -183,6 +189,14 @@ def read_run(notebook: str, folder: Path) -> Run:
     run.meta = meta
     if (folder / "findings.md").is_file():
         run.findings = render_markdown((folder / "findings.md").read_text(encoding="utf-8", errors="replace"))
+    if (folder / "claims.json").is_file():
+        try:
+            claim = json.loads((folder / "claims.json").read_text(encoding="utf-8"))
+            if not isinstance(claim, dict) or not isinstance(claim.get("parts"), list):
+                raise ValueError("no list of parts")
+            run.claim = claim
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            run.warnings.append(f"claims.json is unusable ({e}); left out of the Claims page")
     return run
 
 
@@ -334,12 +348,19 @@ def _build_into(build: Path, outputs: Path, skip: set[Path], include_interactive
         first = next((r for r in good if not r.problem), None)
         nb["title"] = first.meta["title"] if first else nb["name"]
         nb["claim"] = first.meta["claim"] if first else ""
-    html = _environment().get_template("report.html.j2").render(
+    env = _environment()
+    built = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    html = env.get_template("report.html.j2").render(
         workbook=WORKBOOK, notebooks=notebooks, counts=counts, commit=_header_commit(notebooks),
         trouble=[(nb, s) for nb in notebooks for s in nb["sets"] if s["latest"].status != "ok"],
-        built=dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), outputs=str(outputs),
+        built=built, outputs=str(outputs),
     )
     (build / "index.html").write_text(html, encoding="utf-8")
+    (build / "claims.html").write_text(env.get_template("claims.html.j2").render(
+        workbook=WORKBOOK, rows=claim_rows(notebooks), built=built, outputs=str(outputs),
+        forest_range=FOREST_RANGE), encoding="utf-8")
+    (build / "references.html").write_text(env.get_template("references.html.j2").render(
+        workbook=WORKBOOK, refs=reference_rows(notebooks)), encoding="utf-8")
 
 
 def build_report(outputs_dir: Path | None = None, dest: Path | None = None, include_interactive: bool = False) -> Path:

@@ -44,6 +44,7 @@ class RunSpec:
     title: str = ""
     claim: str = ""
     timeout_s: float = DEFAULT_TIMEOUT_S
+    threads: int | None = None  # torch / OpenMP threads of the notebook's kernel (None: torch's default)
 
 
 @dataclass
@@ -69,8 +70,11 @@ def plan(
     param_set: str = DEFAULT_SET,
     overrides: dict[str, Any] | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    threads: int | None = None,
 ) -> list[RunSpec]:
     """Validate every requested run before any runs (raises ParamsError / ValueError with one line)."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     known = available_notebooks()
     names = notebooks or known
     unknown = [n for n in names if n not in known]
@@ -83,7 +87,7 @@ def plan(
         params = load_params(name, param_set, overrides)
         module = experiment_module(name)
         specs.append(RunSpec(name, param_set, params.model_dump(mode="json"), str(notebooks_dir() / f"{name}.ipynb"),
-                             module.TITLE, module.CLAIM, timeout_s))
+                             module.TITLE, module.CLAIM, timeout_s, threads))
     return specs
 
 
@@ -129,7 +133,7 @@ def execute(spec: RunSpec, *, show_progress: bool = True) -> RunOutcome:
     cmd = [sys.executable, "-m", "salience.runner", "--child", str(spec_file)]
     # a new session: on timeout the whole group (child and its kernel) is stopped together
     out = None if show_progress else log
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=out, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=out, start_new_session=True, env=child_env(spec))
     with _RUNNING_LOCK:
         _RUNNING.add(proc)
     error: dict[str, Any] | None = None
@@ -175,6 +179,18 @@ def execute(spec: RunSpec, *, show_progress: bool = True) -> RunOutcome:
     _swap_in(tmp, final)
     status = "timeout" if error.get("ename") == "Timeout" else "failed"
     return RunOutcome(spec.notebook, spec.param_set, status, str(final), round(wall, 1), error)
+
+
+def child_env(spec: RunSpec) -> dict[str, str]:
+    """The child's environment: ours, plus the thread count when the spec sets one (OpenMP and MKL read theirs at
+    start-up; the kernel's ``start_run`` calls ``torch.set_num_threads`` from ``SALIENCE_THREADS``)."""
+    from .runs import THREADS_ENV
+
+    env = dict(os.environ)
+    if spec.threads is not None:
+        n = str(spec.threads)
+        env.update({"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, THREADS_ENV: n})
+    return env
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:

@@ -81,7 +81,7 @@ class Run:
     tables: list[dict[str, Any]] = field(default_factory=list)
     verdict: dict[str, str] | None = None
     findings: str | None = None
-    claim: Claim | None = None
+    judged: Claim | None = None  # the claim as judged by conclude()
 
     def _next_name(self, folder: str, stem: str, ext: str) -> str:
         count = len(self.figures) if folder == "figures" else len(self.tables)
@@ -110,7 +110,7 @@ class Run:
         """Record the judged claim: ``claims.json``, the Findings text rendered from it, and the verdict in run.json.
 
         Returns the Findings markdown (what the notebook's last cell displays)."""
-        self.claim = claim
+        self.judged = claim
         self.verdict = {"label": claim.label, "summary": claim.summary}
         self.findings = claim.markdown()
         atomic_write_text(self.output_dir / "claims.json", json.dumps(claim.to_dict(), indent=2))

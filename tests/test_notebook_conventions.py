@@ -1,27 +1,44 @@
-"""Every notebook follows DESIGN.md's conventions: parameters cell = params YAML, title with s# id, Findings, nbval marks."""
+"""Every notebook follows DESIGN.md's conventions: one source of defaults (the YAML), a cited title, a Findings cell
+rendered from claims.json, and nbval checks only on stable result cells."""
 
 import re
 
 import nbformat
 import pytest
 import yaml
+from pydantic_core import PydanticUndefined
 
 from salience.experiments import NOTEBOOKS, experiment_module
-from salience.notebooks import RUNNER_NAMES, notebook_path, parameters_cell_defaults
+from salience.notebooks import RUNNER_NAMES, notebook_path, parameters_cell_defaults, render_parameters_cell
 from salience.params import param_file
+from salience.references import check_keys, cited_keys
 
 NAMES = sorted(NOTEBOOKS)
 
 
+def _parameters_cell(nb):
+    return next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_parameters_cell_equals_default_yaml(name):
+def test_parameters_cell_is_generated_from_the_default_yaml(name):
+    nb = nbformat.read(notebook_path(name), as_version=4)
+    assert _parameters_cell(nb).source == render_parameters_cell(name), (
+        f"run `salience store {name}` (it regenerates the parameters cell from {param_file(name).name})")
     defaults = parameters_cell_defaults(notebook_path(name))
-    assert defaults.pop("output_dir") is None
-    assert set(defaults) - RUNNER_NAMES == set(defaults)
-    yaml_values = yaml.safe_load(param_file(name).read_text())
-    assert defaults == yaml_values
-    # and every declared parameter appears in the cell, so papermill can set it
-    assert set(experiment_module(name).Params.model_fields) == set(defaults)
+    runner_names = {k: defaults.pop(k) for k in RUNNER_NAMES}
+    assert runner_names == {"output_dir": None}
+    assert defaults == yaml.safe_load(param_file(name).read_text())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_yaml_is_the_only_source_of_defaults(name):
+    fields = experiment_module(name).Params.model_fields
+    with_defaults = sorted(k for k, f in fields.items() if f.default is not PydanticUndefined or f.default_factory)
+    assert not with_defaults, f"Params fields with a default value (it belongs in the YAML only): {with_defaults}"
+    assert set(fields) == set(yaml.safe_load(param_file(name).read_text())), "the YAML must give every field"
+    undocumented = sorted(k for k, f in fields.items() if not f.description)
+    assert not undocumented, f"Params fields without a description: {undocumented}"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -30,20 +47,29 @@ def test_structure(name):
     assert nb.metadata["kernelspec"]["name"] == "python3"  # papermill needs it
     title = nb.cells[0]
     assert title.cell_type == "markdown" and title.source.startswith("# ")
-    assert re.search(r"\bs\d+\b", title.source), "title cell must cite the method's s# id from methods.md"
+    keys = cited_keys(title.source)
+    assert keys, "the title cell must cite its papers as [@key] (references.yaml)"
+    check_keys(keys)
     assert "Claim under test" in title.source
-    sources = [c.source for c in nb.cells if c.cell_type == "code"]
-    assert any("NBVAL_CHECK_OUTPUT" in s for s in sources), "mark the key result cells for nbval"
-    assert any("run.conclude(" in s and "run.finish()" in s for s in sources)
-    assert not any("sys.path" in s for s in sources)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    assert not any("sys.path" in s for s in code)
+    last = code[-1]
+    assert "run.conclude(" in last and "run.finish()" in last and "NBVAL_CHECK_OUTPUT" in last, (
+        "the last code cell concludes the claim (claims.json), finishes the run and is checked by nbval")
+    assert any("NBVAL_CHECK_OUTPUT" in s and ".table()" in s for s in code), "show claim.table() in a checked cell"
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_stored_outputs_exist_for_nbval(name):
+def test_checked_cells_have_stable_stored_outputs(name):
     nb = nbformat.read(notebook_path(name), as_version=4)
     checked = [c for c in nb.cells if c.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in c.source]
     assert all(c.outputs for c in checked), f"run `salience store {name}` so nbval has outputs to compare"
     assert not any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    for c in checked:
+        streams = [o for o in c.outputs if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+        assert not streams, f"a checked cell writes to stderr (a progress bar or a warning): {c.source[:80]!r}"
+        text = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for o in c.outputs)
+        assert not re.search(r"\d+(\.\d+)? ?(s|ms|it/s)\b", text), f"a checked cell shows a timing: {c.source[:80]!r}"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -68,7 +68,8 @@ def _notebook(path: Path, title: str, figure: Path | None, error: dict | None = 
 
 def make_run(outputs: Path, notebook: str, folder: str, *, status: str = "ok", params: dict | None = None,
              figures: tuple[str, ...] = ("01-ppl-vs-budget.png", "02-kept-tokens.png"), findings: str | None = None,
-             verdict: dict | None = None, error: dict | None = None, title: str = "", claim: str = "") -> Path:
+             verdict: dict | None = None, error: dict | None = None, title: str = "", claim: str = "",
+             claims: dict | None = None) -> Path:
     run = outputs / notebook / folder
     figs = []
     for i, name in enumerate(figures):
@@ -86,6 +87,8 @@ def make_run(outputs: Path, notebook: str, folder: str, *, status: str = "ok", p
     pd.DataFrame({"layer": range(4), "entries": [128] * 4}).to_csv(run / "tables" / "cache_sizes.csv", index=False)
     if findings is not None:
         (run / "findings.md").write_text(findings)
+    if claims is not None:
+        (run / "claims.json").write_text(json.dumps(claims))
     _notebook(run / "executed.ipynb", title, run / "figures" / figures[0] if figures else None, error)
     meta = {
         "notebook": notebook, "param_set": folder.removesuffix(".failed"), "title": title, "claim": claim,
@@ -105,7 +108,7 @@ def make_run(outputs: Path, notebook: str, folder: str, *, status: str = "ok", p
 
 FINDINGS = """## Findings
 
-At a **25% KV budget**, KV-normalized attention keeps perplexity within 0.25 of the full cache
+At a **25% KV budget** [@zipcache], KV-normalized attention keeps perplexity within 0.25 of the full cache
 (95% CI 0.19–0.31 over 5 seeds), while H2O loses 0.91. UNIQUE-FINDINGS-MARKER
 
 | scorer | Δ ppl |
@@ -118,9 +121,25 @@ H2O_TITLE = "H2O heavy-hitter eviction (Zhang et al., 2023)"
 ERROR = {"cell": 7, "ename": "ValueError", "evalue": "budget must be in (0, 1], got 0.0"}
 
 
+def _claims() -> dict:
+    """A judged claim as salience.evidence writes it: one superiority part, one equivalence part, one check."""
+    from salience.evidence import Claim, PartRule, PartSpec, check, judge
+
+    rng = np.random.default_rng(0)
+    b = pd.Series(rng.normal(1.0, 0.1, 40))
+    better = judge(PartSpec("normalized_vs_h2o", "NORMALIZED-BEATS-H2O", "log-ppl area", "document",
+                            higher_is_better=False, papers=("zipcache", "h2o")),
+                   PartRule(direction="better", smallest_effect=0.01), b - 0.05 + rng.normal(0, 0.02, 40), b)
+    equal = judge(PartSpec("random_as_strong", "RANDOM-AS-STRONG", "accuracy", "image"),
+                  PartRule(direction="equivalent", smallest_effect=0.01), b + rng.normal(0, 0.2, 40), b)
+    grid = check(PartSpec("grid", "GRID-PASSES", "error / allowed", "case", higher_is_better=False), [True] * 6, 0.4)
+    return Claim("kv-normalized-attention", KV_TITLE, "Normalization evicts better.", ["zipcache"],
+                 [better, equal, grid]).to_dict()
+
+
 def make_outputs(outputs: Path) -> Path:
     """One ok run, one failed run with a previous good one, one malformed run.json."""
-    make_run(outputs, "kv-normalized-attention", "default", title=KV_TITLE, findings=FINDINGS,
+    make_run(outputs, "kv-normalized-attention", "default", title=KV_TITLE, findings=FINDINGS, claims=_claims(),
              claim="Scoring keys by attention × value norm keeps perplexity within 0.5 at a quarter of the cache.",
              verdict={"label": "supported", "summary": "Δppl = 0.25 (CI 0.19–0.31) ≤ 0.5 at a 25% budget."})
     make_run(outputs, "h2o-heavy-hitters", "default", title=H2O_TITLE, figures=("01-ppl-vs-budget.png",),
@@ -178,6 +197,40 @@ def test_findings_and_verdict_rendered_as_html(built):
     assert "<strong>25% KV budget</strong>" in html  # Markdown became HTML
     assert "<td>kv-normalized</td>" in html  # Markdown table
     assert "b-supported" in html and "b-inconclusive" in html
+
+
+def test_citations_link_to_the_references_page(built):
+    html = _html(built)
+    assert re.search(r'<a class="ref" href="references.html#zipcache" title="[^"]*ZipCache[^"]*">He 2024</a>', html)
+    refs = (built.parent / "references.html").read_text(encoding="utf-8")
+    assert 'id="zipcache"' in refs and 'id="fastervlm"' in refs
+    assert 'href="https://arxiv.org/abs/' in refs
+    zip_entry = refs[refs.index('id="zipcache"'):]
+    assert "Cited by" in zip_entry[: zip_entry.index("</li>")]  # the run whose claim names it
+
+
+def test_claims_page_lists_every_part_with_its_interval_and_forest(built):
+    page = (built.parent / "claims.html").read_text(encoding="utf-8")
+    assert "3 judged parts from 1 run" in page
+    for marker in ("NORMALIZED-BEATS-H2O", "RANDOM-AS-STRONG", "GRID-PASSES"):
+        assert marker in page
+    rows = page[page.index("<tbody>"): page.index("</tbody>")].split("<tr>")[1:]
+    assert len(rows) == 3
+    first = rows[0]
+    assert 'href="index.html#kv-normalized-attention--default"' in first
+    assert 'href="references.html#zipcache"' in first and 'href="references.html#h2o"' in first
+    assert "<svg" in first and "b-supported" in first and re.search(r"[+−-]0\.\d+ \[", first)
+    assert "<svg" not in rows[2] and "6/6 cases pass" in rows[2]  # a check has no interval to plot
+    assert 'href="claims.html"' in _html(built)
+
+
+def test_forest_svg_marks_clipped_intervals():
+    from salience.report_claims import forest_svg
+
+    inside = forest_svg(1.5, 0.5, 2.5, "supported")
+    clipped = forest_svg(3.0, -6.0, 12.0, "inconclusive")
+    assert inside.count("<path") == 0 and clipped.count("<path") == 2
+    assert "#1a7f37" in inside and "#8a5a00" in clipped
 
 
 def test_key_table_rendered_with_formatted_numbers(built):

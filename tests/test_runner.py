@@ -17,14 +17,17 @@ from salience.runs import start_run
 
 class P(NotebookParams):
     notebook = "tiny"
-    x: int = 1
+    x: int
 
-run = start_run(P(x=x), output_dir, title="Tiny", claim="x is positive")
+run = start_run(P(x=x, seed=0, device="cpu"), output_dir, title="Tiny", claim="x is positive")
 """
 FINISH_CELL = """
 import pandas as pd
 run.save_table(pd.DataFrame({"x": [x]}), "x", "the parameter", key=True)
-run.conclude("supported" if x > 0 else "not supported", f"x = {x}", f"### Findings\\nx = {x}")
+from salience.evidence import Claim, PartRule, PartSpec, judge_one_sample
+part = judge_one_sample(PartSpec("positive", "x is positive", "x", "draw"), PartRule(direction="better",
+                        smallest_effect=0.1), pd.Series([x, x + 0.5, x - 0.5, x + 0.25]))
+run.conclude(Claim("tiny", "Tiny", "x is positive", ["h2o"], [part]))
 run.finish()
 """
 
@@ -141,3 +144,22 @@ def test_interrupting_a_parallel_batch_stops_children_and_keeps_results(tmp_path
     # children carry their spec path (inside this test's outputs folder) on the command line
     leftover = subprocess.run(["pgrep", "-f", f"--child {outputs}"], capture_output=True, text=True).stdout
     assert not leftover.strip(), f"runner children still alive: {leftover}"
+
+
+def test_threads_reach_the_kernel_and_the_claim_is_recorded(tmp_path, outputs):
+    good = make_notebook(tmp_path / "good.ipynb")
+    one = RunSpec("tiny", "default", {"x": 2}, good, "Tiny", "x is positive", 120.0, threads=1)
+    assert execute(one, show_progress=False).status == "ok"
+    record = json.loads((outputs / "tiny/default/run.json").read_text())
+    assert record["threads"] == 1
+    claim = json.loads((outputs / "tiny/default/claims.json").read_text())
+    assert claim["label"] == record["verdict"]["label"] == "supported" and claim["parts"][0]["n"] == 4
+    assert "**Verdict: supported.**" in (outputs / "tiny/default/findings.md").read_text()
+    two = RunSpec("tiny", "default", {"x": 2}, good, "Tiny", "x is positive", 120.0, threads=2)
+    assert execute(two, show_progress=False).status == "ok"
+    assert json.loads((outputs / "tiny/default/run.json").read_text())["threads"] == 2
+
+
+def test_bad_thread_count_is_refused_before_anything_runs():
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        runner.plan(["kernel-lightning-attention"], threads=0)
