@@ -13,6 +13,7 @@ Methods (causal self-attention, B=1, GQA heads, key mass summed over all queries
 
 What is measured:
   time_ms   median wall time of ``--repeats`` calls after ``--warmup`` calls (CUDA: synchronised).
+  cpu_ms    (CPU) median CPU time of the process per call, the same calls: robust to other jobs on the machine.
   peak_mib  CPU: growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) during the
             first full-size call of a fresh subprocess per configuration, i.e. all memory the call touched beyond the
             inputs, torch allocations included (tracemalloc would not see them). One call on 64-token inputs runs
@@ -77,21 +78,26 @@ def cuda_peak_mib(fn) -> tuple[float, object]:
     return (torch.cuda.max_memory_allocated() - before) / 2**20, result
 
 
-def median_time_ms(fn, *, device: str, warmup: int, repeats: int) -> float:
+def median_times_ms(fn, *, device: str, warmup: int, repeats: int) -> dict:
+    """``time_ms``: the median wall time of ``repeats`` calls after ``warmup`` calls (CUDA: synchronised before and
+    after); on CPU also ``cpu_ms``, the median of this process's CPU time per call (``time.process_time``). With one
+    torch thread on a shared machine the CPU time leaves out the time the process waited for a core, so it is the
+    robust one; on an idle machine the two agree."""
     import torch
 
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
         if device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    return {"time_ms": statistics.median(wall), "cpu_ms": statistics.median(cpu) if device == "cpu" else None}
 
 
 def run_worker_subprocess(script: str, spec: dict, timeout: float) -> dict:
@@ -200,8 +206,8 @@ def measure(spec: dict) -> dict:
     if spec.get("save"):
         torch.save({"out": out.cpu(), "mass": None if mass is None else mass.cpu()}, spec["save"])
     del out, mass
-    ms = median_time_ms(fn, device=device, warmup=spec["warmup"], repeats=spec["repeats"])
-    return {"status": "ok", "time_ms": ms, "peak_mib": peak_mib, "load_avg_1m": round(os.getloadavg()[0], 2)}
+    times = median_times_ms(fn, device=device, warmup=spec["warmup"], repeats=spec["repeats"])
+    return {"status": "ok", **times, "peak_mib": peak_mib, "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def run_one(spec: dict, script: str, timeout: float, measure_fn=None) -> dict:
@@ -249,8 +255,8 @@ def compare(saved: dict[str, str]) -> dict:
 
 
 COLUMNS = [
-    "device", "threads", "dtype", "head_dim", "heads", "kv_heads", "n", "method", "status", "time_ms", "peak_mib",
-    "time_vs_sdpa", "peak_vs_eager", "diff_out", "diff_mass", "diff_mass_rel", "load_avg_1m",
+    "device", "threads", "dtype", "head_dim", "heads", "kv_heads", "n", "method", "status", "time_ms", "cpu_ms",
+    "peak_mib", "time_vs_sdpa", "peak_vs_eager", "diff_out", "diff_mass", "diff_mass_rel", "load_avg_1m",
 ]  # fmt: skip
 
 

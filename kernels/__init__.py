@@ -6,9 +6,11 @@ Each kernel family has three paths behind one function: ``naive`` (readable PyTo
 ``TRITON_INTERPRET`` can still be set afterwards.
 
 - :func:`scored_attention`: softmax attention that also returns the probability mass each key receives.
-- :func:`lightning_attention`: Lightning Attention-2, causal linear attention with per-head decay.
+- :func:`lightning_attention`: Lightning Attention-2 [@lightning_attention2], causal linear attention with per-head
+  decay.
 - :mod:`salience.kernels.transformers_integration`: runs a stock transformers model on scored attention.
-- :mod:`salience.kernels.testing`: the acceptance rule shared by the kernel tests.
+- :mod:`salience.kernels.testing`: the acceptance rule shared by the kernel tests (FlashAttention's
+  [@flashattention]).
 """
 
 from .lightning_attention import lightning_attention

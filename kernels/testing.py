@@ -1,4 +1,4 @@
-"""The acceptance rule shared by every kernel test (flash-attention's, see docs/peers.md 4.1).
+"""The acceptance rule shared by every kernel test (FlashAttention's [@flashattention]).
 
 A result computed in a low precision passes when its error against a float64 reference is at most ``ratio`` (2) times
 the error of a *control*: the same readable PyTorch reference code run in that same low precision. The control's

@@ -322,12 +322,10 @@ class Claim:
             lines.append(f"| {p.id} | {p.statement} | {p.metric}, {better} is better ({p.unit}) | {p.n} | "
                          f"{p.direction} | {delta} | {ci} | **{p.verdict}** |")
         units = ", ".join(sorted({p.unit + "s" for p in self.parts if p.direction != "check"}))
-        lines += [""]
-        if units:
-            lines += [f"Comparisons are paired over {units}; each interval is a seeded paired bootstrap of the mean "
-                      f"difference (BCa, {N_RESAMPLES} resamples; 90% for equivalence parts, which are two one-sided "
-                      "tests against ±δ). "]
-        lines[-1] = (lines[-1] if units else "") + "Overall rule: " + RULE + "."
+        method = (f"Comparisons are paired over {units}; each interval is a seeded paired bootstrap of the mean "
+                  f"difference (BCa, {N_RESAMPLES} resamples; 90% for equivalence parts, which are two one-sided "
+                  "tests against ±δ). ") if units else ""
+        lines += ["", method + "Overall rule: " + RULE + "."]
         details = [f"- **{p.id}**: {p.detail}" for p in self.parts if p.detail]
         if details:
             lines += [""] + details

@@ -1,4 +1,5 @@
-"""Lightning Attention-2: causal linear attention with per-head decay, linear time and memory in N.
+"""Lightning Attention-2 [@lightning_attention2]: causal linear attention with per-head decay, linear time and memory
+in N (the intra-/inter-block split of Lightning Attention, introduced with TransNormerLLM [@transnormerllm]).
 
 ``lightning_attention(q, k, v, decay)`` computes ``o_t = scale * sum_{s<=t} exp(-decay_h (t - s)) (q_t . k_s) v_s``
 (see :mod:`.common` for shapes and the relation to fla's ``chunk_simple_gla``). Paths: ``naive`` (O(N^2) masked

@@ -1,8 +1,9 @@
 """Scored attention: softmax attention that also returns the probability mass each key receives.
 
 ``scored_attention(q, k, v, causal=...) -> (out, lse, key_mass)`` gives the scorers of KV-cache eviction (H2O's
-accumulated attention, SnapKV's observation window, TOVA's last query, ZipCache's normalised attention) and of
-[CLS]-based token pruning their input without materialising the ``N_q x N_k`` attention matrix.
+accumulated attention [@h2o], SnapKV's observation window [@snapkv], TOVA's last query [@tova], ZipCache's
+normalised attention [@zipcache]) and of [CLS]-based token pruning [@fastervlm] their input without materialising
+the ``N_q x N_k`` attention matrix.
 
 Three paths behind one function: ``naive`` (:mod:`.naive`, float64-capable reference), ``blockwise``
 (:mod:`.blockwise`, the CPU path) and ``triton`` (:mod:`.triton`, imported only when used so that

