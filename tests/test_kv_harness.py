@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from salience.harness import capture_attention, prefill_scores, stream_perplexity
+from salience.harness.kv_streaming import Stream, stream_batch
 from salience.models import load_model
 from salience.scorers import get_scorer
 
@@ -68,6 +69,29 @@ def test_sepllm_streams_with_separators_from_the_tokenizer(bundle, lm):
     separators = set(separator_mask(ids[0], bundle.processor).nonzero().flatten().tolist())
     assert 0 < len(separators) <= 16  # they fit next to the 8 protected tokens, so every layer keeps them all
     assert all(separators <= set(layer.tolist()) for layer in r.kept_positions)
+
+
+def test_batched_streams_equal_one_at_a_time(bundle, lm):
+    """Two documents x four scorers in one batch: each row's perplexity equals the row streamed alone (float
+    round-off of a batched product may flip a near-tie, so kept sets must agree almost everywhere), and every row
+    records its own cache length per eviction step and layer."""
+    model, ids = lm
+    other_text = ". ".join(TEXT.split(". ")[::-1])  # the sentences in reverse order: a second text
+    other = bundle.processor(other_text, return_tensors="pt").input_ids[:, : ids.shape[1]]
+    docs = torch.cat([ids, other])
+    names = ["accumulated_attention", "normalized_attention", "recency", "random"]
+    streams = [Stream(doc=d, scorer=get_scorer(n), budget=24, n_sink=4, recent_window=4,
+                      generator=torch.Generator().manual_seed(d)) for d in range(2) for n in names]
+    batch = stream_batch(model, docs, streams, chunk_size=16, max_rows=3)
+    n_layers = model.config.num_hidden_layers
+    for s, got in zip(streams, batch.results):
+        alone = stream_perplexity(model, docs[s.doc : s.doc + 1], s.scorer, 24, n_sink=4, recent_window=4,
+                                  chunk_size=16, generator=torch.Generator().manual_seed(s.doc))
+        assert got.perplexity == pytest.approx(alone.perplexity, rel=1e-3), s
+        assert (got.kept_positions == alone.kept_positions).float().mean() > 0.95
+        assert got.cache_lengths == alone.cache_lengths == [[24] * n_layers] * got.evictions
+    for d in range(2):
+        assert batch.full[d].nll_sum == pytest.approx(full_nll(model, docs[d : d + 1]), rel=1e-5)
 
 
 def test_eviction_holds_the_budget_in_every_layer(lm):
@@ -157,7 +181,7 @@ def test_other_scorers_stream_under_the_budget(lm, scorer):
 
 def test_running_mass_decays_like_a2sf():
     """Two chunks absorbed with decay f equal Σ_q f^(t−q) a_q over every query seen, per key."""
-    from salience.harness.kv_streaming import _LayerState
+    from salience.harness.kv_eviction import _LayerState
 
     torch.manual_seed(0)
     f = 0.7
@@ -169,7 +193,7 @@ def test_running_mass_decays_like_a2sf():
     rows = [torch.nn.functional.pad(first[:, :, i], (0, 2)) for i in range(3)] + [second[:, :, i] for i in range(2)]
     expected = sum(f ** (4 - q) * row for q, row in enumerate(rows))
     torch.testing.assert_close(state.mass, expected)
-    assert state.positions.tolist() == [0, 1, 2, 3, 4]
+    assert state.positions.tolist() == [[0, 1, 2, 3, 4]]  # one row
 
 
 def test_fused_path_gives_the_eager_scores_without_the_matrix(lm):

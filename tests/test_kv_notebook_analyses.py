@@ -1,13 +1,21 @@
-"""Analysis functions of the KV notebooks kv-sinks-and-separators and kv-value-aware, on tiny hand-made inputs."""
+"""Analysis functions of the streaming KV notebooks kv-sinks-and-separators and kv-normalized-attention, on tiny
+hand-made inputs (kv-value-aware's are in test_kv_value_aware.py)."""
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.stats import spearmanr
 
+from salience.experiments import kv_normalized_attention as norm_exp
 from salience.experiments import kv_sinks_and_separators as sinks_exp
-from salience.params import ParamsError, validate_params
+from salience.experiments.kv_score_statistics import kept_overlap, rowwise_spearman, score_statistics
+from salience.experiments.kv_streaming_common import StreamRun
+from salience.metrics import area_under_curve
+from salience.params import ParamsError
+from salience.scorers import get_scorer
 
 # ---------------------------------------------------------------- kv-sinks-and-separators
 
@@ -20,237 +28,243 @@ def _probs() -> torch.Tensor:
                            [0.1, 0.2, 0.3, 0.4]]]])
 
 
-def test_role_attention_matches_hand_computation():
-    sink = torch.tensor([True, False, False, False])
-    sep = torch.tensor([False, False, True, False])
-    out = sinks_exp.role_attention(_probs(), sink, sep, min_query=2)
-    # queries 2 and 3 see 3 and 4 keys, one sink and one separator each
-    assert out["sink_mass"] == pytest.approx((0.2 + 0.1) / 2)
-    assert out["sink_share"] == pytest.approx((1 / 3 + 1 / 4) / 2)
-    assert out["separator_mass"] == pytest.approx((0.5 + 0.3) / 2)
-    assert out["separator_share"] == pytest.approx((1 / 3 + 1 / 4) / 2)
-    # separators' part of the attention not spent on sinks: (0.5 + 0.3) / (0.8 + 0.9); 1 of 2 and 1 of 3 non-sink keys
-    assert out["separator_mass_nonsink"] == pytest.approx(0.8 / 1.7)
-    assert out["separator_share_nonsink"] == pytest.approx((1 / 2 + 1 / 3) / 2)
-    assert out["sink_enrichment"] == pytest.approx(0.15 / (7 / 24))
-    assert out["separator_enrichment_nonsink"] == pytest.approx((0.8 / 1.7) / (5 / 12))
+def _roles(separator=(False, False, True, False)):
+    sink = torch.tensor([[True, False, False, False]])
+    return sinks_exp.RoleAttention(sink, torch.tensor([separator]), min_query=2)
+
+
+@pytest.mark.parametrize("chunks", [[(0, 4)], [(0, 3), (3, 4)], [(0, 2), (2, 3), (3, 4)]])
+def test_role_attention_matches_hand_computation_in_any_chunking(chunks):
+    """Queries 2 and 3 see 3 and 4 keys: one sink, one separator, one or two ordinary tokens each. Fed whole or as
+    the stream's chunks (rows of a chunk over the keys so far), the statistics are the same."""
+    roles = _roles()
+    for start, stop in chunks:
+        roles(0, _probs()[:, :, start:stop, :stop], torch.arange(start, stop), range(0, 1))
+    row = roles.table().iloc[0]
+    assert row.sink_mass == pytest.approx((0.2 + 0.1) / 2)
+    assert row.sink_share == pytest.approx((1 / 3 + 1 / 4) / 2)
+    assert row.separator_mass == pytest.approx((0.5 + 0.3) / 2)
+    assert row.sink_enrichment == pytest.approx(0.15 / (7 / 24))
+    assert row.separator_per_token == pytest.approx((0.5 + 0.3) / 2)  # one separator per query
+    assert row.ordinary_per_token == pytest.approx((0.3 + 0.2 + 0.4) / 3)  # key 1 for query 2; keys 1, 3 for 3
+    assert row.separator_ratio == pytest.approx(0.4 / 0.3)
+
+
+def test_role_attention_keeps_documents_apart_across_slices():
+    """Documents observed in slices (the trunk runs max_rows documents a pass) land in their own rows."""
+    sink = torch.tensor([[True, False, False, False]] * 2)
+    sep = torch.tensor([[False, False, True, False], [False, True, False, False]])
+    both = sinks_exp.RoleAttention(sink, sep, min_query=2)
+    both(0, torch.cat([_probs(), _probs()]), torch.arange(4))
+    sliced = sinks_exp.RoleAttention(sink, sep, min_query=2)
+    for d in (1, 0):
+        sliced(0, _probs(), torch.arange(4), range(d, d + 1))
+    pd.testing.assert_frame_equal(both.table(), sliced.table())
+    assert both.table().separator_per_token.tolist() == pytest.approx([0.4, 0.25])  # key 2, then key 1
 
 
 def test_role_attention_counts_a_separator_in_the_sinks_as_a_sink_only():
-    sink = torch.tensor([True, False, False, False])
-    plain = sinks_exp.role_attention(_probs(), sink, torch.tensor([False, False, True, False]), min_query=2)
-    overlap = sinks_exp.role_attention(_probs(), sink, torch.tensor([True, False, True, False]), min_query=2)
-    assert overlap == pytest.approx(plain)
+    plain, overlap = _roles(), _roles((True, False, True, False))
+    for roles in (plain, overlap):
+        roles(0, _probs(), torch.arange(4))
+    pd.testing.assert_frame_equal(plain.table(), overlap.table())
 
 
-def test_role_attention_is_finite_when_a_row_gives_everything_to_the_sink():
-    probs = torch.zeros(1, 1, 3, 3)
-    probs[..., 0] = 1.0  # every query attends only to the sink
-    out = sinks_exp.role_attention(probs, torch.tensor([True, False, False]), torch.tensor([False, True, False]), 1)
-    assert out["separator_mass_nonsink"] == 0.0 and all(math.isfinite(v) for v in out.values())
-
-
-def test_role_attention_rejects_a_min_query_outside_the_text():
-    with pytest.raises(ValueError, match=r"min_query must lie in \[0, 3\]"):
-        sinks_exp.role_attention(_probs(), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool), 4)
-
-
-def test_policy_settings_give_equal_sinks_and_windows_to_sepllm_and_controls():
-    params = sinks_exp.Params()
-    assert sinks_exp.policy_settings("recent_only", 64, params)[1:] == (0, 0)
-    assert sinks_exp.policy_settings("streamingllm", 64, params)[1:] == (params.n_sink, 0)
-    for policy in ("sepllm", "random_control", "h2o_control"):
-        assert sinks_exp.policy_settings(policy, 64, params)[1:] == (params.n_sink, 32)
-    with pytest.raises(ValueError, match="unknown policy"):
-        sinks_exp.policy_settings("h2o", 64, params)
+def _sinks_params(**values):
+    return sinks_exp.Params.defaults(**values)
 
 
 @pytest.mark.parametrize("values, match", [
-    ({"budgets": [32, 384]}, "below context_tokens"),
+    ({"budgets": [32, 256]}, "below context_tokens"),
     ({"budgets": [8], "n_sink": 4, "recent_share": 0.75}, "smallest budget"),
     ({"sink_counts": [1, 4]}, "include 0"),
     ({"sink_counts": [0, 64]}, "below sink_budget"),
-    ({"policies": ["sepllm", "attention"]}, "policies"),
+    ({"arms": {"streamingllm": "StreamingLLM", "recent_only": "recent only", "sepllm": "SepLLM"}}, "arms must map"),
+    ({"arms": {"streamingllm": "StreamingLLM", "recent_only": "recent only", "sepllm": "SepLLM",
+               "random_control": "H2O"}}, "arms must map"),
+    ({"policies": [{"label": "a", "scorer": "recency", "sinks": True, "recent": False}] * 2}, "unique"),
+    ({"policies": [{"label": "a", "scorer": "sepllm_v2", "sinks": True, "recent": False}]}, "unknown scorer"),
 ])
 def test_sinks_params_reject_bad_values(values, match):
     with pytest.raises(ParamsError, match=match):
-        validate_params(sinks_exp.Params, values)
+        _sinks_params(**values)
 
 
-def _sweep(ppl: dict[str, list[float]], budgets=(32, 64), docs=2, full=10.0) -> pd.DataFrame:
-    """A budget_sweep-shaped frame: ppl[policy][i] is the perplexity at budgets[i] (same for every document)."""
-    rows = [dict(doc=d, policy="full cache", budget=100, perplexity=full, evictions=0, max_cache_len=100,
-                 separators_kept=0.1) for d in range(docs)]
-    for policy, values in ppl.items():
-        for d in range(docs):
-            for b, v in zip(budgets, values):
-                rows.append(dict(doc=d, policy=policy, budget=b, perplexity=v, evictions=3, max_cache_len=b,
-                                 separators_kept=0.2))
-    return pd.DataFrame(rows)
+def test_policies_get_their_protections_and_identical_rows_run_once():
+    params = _sinks_params(n_documents=2, budgets=[32, 64], sink_budget=64, sink_counts=[0, 1, 4])
+    rows = sinks_exp.stream_rows(torch.zeros(2, 256, dtype=torch.long), params)
+    at64 = {r.key["policy"]: (r.n_sink, r.recent_window) for r in rows
+            if r.key["sweep"] == "policies" and r.budget == 64 and r.doc == 0}
+    assert at64 == {"StreamingLLM": (4, 0), "recent only": (0, 0), "SepLLM": (4, 32), "random control": (4, 32)}
+    sweep = [r for r in rows if r.key["sweep"] == "sinks" and r.doc == 0]
+    assert [(r.n_sink, r.budget) for r in sweep] == [(0, 64), (1, 64), (4, 64)]
+    policy_rows = {(r.key["policy"], r.budget): r for r in rows if r.key["sweep"] == "policies" and r.doc == 0}
+    assert sweep[0].identity == policy_rows["recent only", 64].identity  # 0 sinks = the recent-only window
+    assert sweep[2].identity == policy_rows["StreamingLLM", 64].identity
+    assert len({r.identity for r in rows}) == len(rows) - 2 * 2  # two duplicates per document
 
 
-def _sinks(docs=2) -> pd.DataFrame:
-    return pd.DataFrame([dict(doc=d, n_sink=n, budget=64, perplexity=p, full_perplexity=10.0)
-                         for d in range(docs) for n, p in ((0, 30.0), (4, 12.0))])
+def _stream_run(log_ppl: dict[str, list[float]], docs=8, seed=0) -> StreamRun:
+    """A StreamRun whose policy rows have log_ppl[policy][budget index] + per-document noise."""
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(0, 0.02, docs)
+    records = []
+    for d in range(docs):
+        for policy, values in log_ppl.items():
+            for b, v in zip((32, 64), values):
+                records.append({"sweep": "policies", "policy": policy, "doc": d, "budget": b,
+                                "log_ppl": v + noise[d] + rng.normal(0, 0.002), "separators_kept": 0.1})
+    full = pd.DataFrame({"doc": range(docs), "log_ppl": 2.0 + noise, "separators_kept": 0.1})
+    return StreamRun(table=pd.DataFrame(records), full=full)
 
 
-def _mass(sink_enrichment: float, separator_enrichment: float, layers=4) -> pd.DataFrame:
-    return pd.DataFrame([dict(doc=0, layer=i, sink_mass=0.1 * sink_enrichment, sink_share=0.1,
-                              separator_mass=0.1 * separator_enrichment, separator_share=0.1,
-                              separator_mass_nonsink=0.1 * separator_enrichment, separator_share_nonsink=0.1,
-                              sink_enrichment=sink_enrichment, separator_enrichment=separator_enrichment,
-                              separator_enrichment_nonsink=separator_enrichment) for i in range(layers)])
+def _mass(ratio: float, docs=8, layers=3) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    return pd.DataFrame([{"doc": d, "layer": i, "sink_mass": 0.3, "sink_share": 0.05, "separator_mass": 0.1,
+                          "separator_share": 0.1, "separator_ratio": ratio * math.exp(rng.normal(0, 0.05))}
+                         for d in range(docs) for i in range(layers)])
 
 
-def test_sinks_verdict_supported_when_every_part_holds():
-    sweep = _sweep({"streamingllm": [14, 12], "recent_only": [40, 30], "sepllm": [13, 11],
-                    "random_control": [15, 13]})
-    label, line, findings = sinks_exp.verdict(sweep, _sinks(), _mass(5.0, 2.0), sinks_exp.Params())
-    assert label == "supported"
-    assert "**Verdict: supported.**" in findings and "holds" in line
-
-
-def test_sinks_verdict_partly_supported_when_separators_do_not_help():
-    sweep = _sweep({"streamingllm": [14, 12], "recent_only": [40, 30], "sepllm": [16, 13],
-                    "random_control": [15, 13]})
-    label, line, _ = sinks_exp.verdict(sweep, _sinks(), _mass(5.0, 0.8), sinks_exp.Params())
-    assert label == "partly supported"
-    assert "fails (attention" in line and "fails (SepLLM" in line
-
-
-def test_sinks_verdict_not_supported_when_nothing_holds():
-    sweep = _sweep({"streamingllm": [14, 12], "recent_only": [14, 12], "sepllm": [16, 13]})
-    sinks = _sinks().assign(perplexity=12.0)
-    label, _, _ = sinks_exp.verdict(sweep, sinks, _mass(1.0, 0.8), sinks_exp.Params())
-    assert label == "not supported"
-
-
-def test_budget_table_puts_the_full_cache_first_and_averages_documents():
-    sweep = _sweep({"streamingllm": [14, 12], "sepllm": [16, 13]})
-    sweep.loc[(sweep.policy == "sepllm") & (sweep.doc == 1), "perplexity"] += 2.0
-    table = sinks_exp.budget_table(sweep)
-    assert list(table.policy) == ["full cache", "streamingllm", "sepllm"]
-    assert table.set_index("policy").loc["sepllm", "ppl@32"] == pytest.approx(17.0)
-    assert table.set_index("policy").loc["full cache", "ppl@64"] == pytest.approx(10.0)
-
-
-# ---------------------------------------------------------------- kv-value-aware
-
-from salience.experiments import kv_value_aware as va_exp  # noqa: E402
-
-
-def _three_token_prompt():
-    """Context of 2 tokens, one continuation query; (1, 1, 3, 3) attention and (1, 1, 3, 2) values by hand."""
-    probs = torch.tensor([[[[1.0, 0.0, 0.0], [0.4, 0.6, 0.0], [0.2, 0.3, 0.5]]]])
-    values = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]]])
-    return probs, values
-
-
-def test_output_error_matches_hand_computation():
-    probs, values = _three_token_prompt()
-    # keep context key 1 only: o_full = (0.7, 0.8); o_kept = (0.3 v1 + 0.5 v2) / 0.8 = (0.625, 1.0)
-    err = va_exp.output_error(probs, values, torch.tensor([[1]]), context_len=2)
-    assert err == pytest.approx(math.sqrt(0.075**2 + 0.2**2) / math.sqrt(0.7**2 + 0.8**2))
-    assert va_exp.output_error(probs, values, torch.tensor([[0, 1]]), context_len=2) == pytest.approx(0.0)
-
-
-def test_output_error_broadcasts_a_kv_head_to_its_query_heads():
-    probs, values = _three_token_prompt()
-    two_heads = probs.expand(1, 2, 3, 3)  # 2 query heads reading 1 KV head: the same error
-    assert va_exp.output_error(two_heads, values, torch.tensor([[1]]), 2) == pytest.approx(
-        va_exp.output_error(probs, values, torch.tensor([[1]]), 2))
-    with pytest.raises(ValueError, match=r"context_len must lie in \[1, 2\]"):
-        va_exp.output_error(probs, values, torch.tensor([[1]]), 3)
-
-
-def test_kept_context_averages_gqa_groups_and_keeps_protected_tokens():
-    # 4 query heads, 2 KV heads, 6 context keys; group means favour key 3 (KV head 0) and key 2 (KV head 1)
-    scores = torch.zeros(1, 4, 6)
-    scores[0, 0, 3] = scores[0, 1, 3] = 1.0
-    scores[0, 2, 2] = 2.0
-    kept = va_exp.kept_context(scores, num_kv_heads=2, budget_tokens=3, n_sink=1, recent_window=1)
-    assert kept.tolist() == [[0, 3, 5], [0, 2, 5]]
-
-
-def _errors_and_sweep(aware_factor: dict[str, float]):
-    """Output errors and continuation rows where each value-aware scorer is its baseline × factor."""
-    base_err = {"accumulated_attention": 0.4, "window_attention": 0.3}
-    rows, sweep = [], [dict(doc=0, scorer="uncompressed", budget=1.0, kl_mean=0.0, perplexity=10.0)]
-    for b in (0.25, 0.5):
-        for name, e in base_err.items():
-            aware = next(a for a, s in va_exp.PAIRS.items() if s == name)
-            for scorer, value in ((name, e), (aware, e * aware_factor[aware])):
-                rows += [dict(doc=0, scorer=scorer, budget=b, budget_tokens=8, layer=i, output_error=value * b)
-                         for i in range(3)]
-                sweep.append(dict(doc=0, scorer=scorer, budget=b, kl_mean=value * b, perplexity=10 + value))
-    return pd.DataFrame(rows), pd.DataFrame(sweep)
-
-
-@pytest.mark.parametrize("factors, label", [
-    ({"vatp": 0.5, "caote": 0.5}, "supported"),
-    ({"vatp": 0.5, "caote": 2.0}, "partly supported"),
-    ({"vatp": 2.0, "caote": 2.0}, "not supported"),
+@pytest.mark.parametrize("sepllm, ratio, label, verdicts", [
+    ((2.40, 2.20), 2.0, "supported", ["supported"] * 4),
+    ((2.60, 2.40), 2.0, "partly supported", ["supported", "supported", "contradicted", "contradicted"]),
+    ((2.60, 2.40), 0.5, "partly supported", ["supported", "contradicted", "contradicted", "contradicted"]),
 ])
-def test_value_aware_verdict_follows_the_pairs(factors, label):
-    errors, sweep = _errors_and_sweep(factors)
-    params = va_exp.Params(budgets=[0.25, 0.5])
-    got, line, findings = va_exp.verdict(errors, sweep, params)
-    assert got == label
-    assert f"**Verdict: {label}.**" in findings
+def test_sinks_claim_follows_the_numbers(sepllm, ratio, label, verdicts):
+    run = _stream_run({"StreamingLLM": [2.5, 2.3], "recent only": [3.5, 3.0], "SepLLM": list(sepllm),
+                       "random control": [2.5, 2.3]})
+    claim = sinks_exp.judge_claim(run, _mass(ratio), _sinks_params())
+    assert [p.verdict for p in claim.parts] == verdicts
+    assert claim.label == label and all(p.n == 8 for p in claim.parts)
 
 
-def test_layer_wins_counts_cells_below_the_baseline():
-    errors, _ = _errors_and_sweep({"vatp": 0.5, "caote": 2.0})
-    wins = va_exp.layer_wins(errors).set_index(["scorer", "budget"])
-    assert wins.loc[("vatp", 0.25), "layers_better"] == 1.0
-    assert wins.loc[("caote", 0.5), "layers_better"] == 0.0
-    assert wins.loc[("caote", 0.5), "error_ratio"] == pytest.approx(2.0)
+def test_sinks_claim_reads_the_arms_it_is_given():
+    """Swapping which policy plays StreamingLLM and which the recent-only window flips the sinks part."""
+    run = _stream_run({"StreamingLLM": [2.5, 2.3], "recent only": [3.5, 3.0], "SepLLM": [2.4, 2.2],
+                       "random control": [2.5, 2.3]})
+    swapped = dict(_sinks_params().arms, streamingllm="recent only", recent_only="StreamingLLM")
+    claim = sinks_exp.judge_claim(run, _mass(2.0), _sinks_params(arms=swapped))
+    assert claim.parts[0].verdict == "contradicted"
+
+
+def test_budget_table_puts_the_full_cache_first_as_geometric_means():
+    run = _stream_run({"StreamingLLM": [2.5, 2.3], "SepLLM": [2.4, 2.2]}, docs=2)
+    table = sinks_exp.budget_table(run).set_index("policy")
+    assert list(table.index) == ["full cache", "StreamingLLM", "SepLLM"]
+    want = math.exp(run.table.query("policy == 'SepLLM' and budget == 32").log_ppl.mean())
+    assert table.loc["SepLLM", "ppl@32"] == pytest.approx(want)
+
+
+def test_separator_log_ratio_averages_layers_in_log_space():
+    mass = pd.DataFrame({"doc": [0, 0, 1, 1], "layer": [0, 1, 0, 1], "separator_ratio": [2.0, 0.5, 4.0, 4.0]})
+    assert sinks_exp.separator_log_ratio(mass).tolist() == pytest.approx([0.0, math.log(4.0)])
+
+
+# ---------------------------------------------------------------- kv-normalized-attention
+
+
+def test_rowwise_spearman_equals_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 30)), rng.normal(size=(5, 30))
+    b[0] = a[0] ** 3  # a monotone relation: rho = 1
+    got = rowwise_spearman(a, b)
+    assert got == pytest.approx([spearmanr(x, y).statistic for x, y in zip(a, b)])
+    assert got[0] == pytest.approx(1.0)
+
+
+def test_kept_overlap_counts_the_shared_top_k():
+    ref = torch.tensor([[5.0, 4, 3, 2, 1], [1.0, 2, 3, 4, 5]])
+    score = torch.tensor([[5.0, 1, 4, 2, 3], [1.0, 2, 3, 4, 5]])
+    assert kept_overlap(ref, score, 2).tolist() == [0.5, 1.0]
+    assert kept_overlap(ref, score, 3).tolist() == pytest.approx([2 / 3, 1.0])
+
+
+def test_score_statistics_bias_and_fidelity_by_hand(tiny_llama):
+    docs = torch.randint(0, 32, (3, 40), generator=torch.Generator().manual_seed(2))
+    approximations = {"exact probe": get_scorer("normalized_attention_probe", probe_fraction=1.0),
+                      "probe 25%": get_scorer("normalized_attention_probe", probe_fraction=0.25)}
+    out = score_statistics(tiny_llama, docs, n_sink=2, recent_window=4, budgets=[0.5], bins=4, top_fraction=0.2,
+                         approximations=approximations, seed=0, batch_size=2)
+    with torch.inference_mode():
+        attentions = tiny_llama(docs, output_attentions=True).attentions
+    for d in range(3):
+        for layer, probs in enumerate(attentions):
+            mass = probs[d].float().sum(dim=-2)[:, 2:]  # (H, T') without the sinks
+            normalized = mass / torch.arange(38, 0, -1)  # key k is seen by 40 - k queries
+            for name, score in (("accumulated_attention", mass), ("normalized_attention", normalized)):
+                rho = [spearmanr(h, np.arange(2, 40)).statistic for h in score.numpy()]
+                row = out.bias.query("scorer == @name and doc == @d and layer == @layer").iloc[0]
+                assert row.rho == pytest.approx(np.mean(rho), abs=1e-6)
+                assert row.abs_rho == pytest.approx(np.mean(np.abs(rho)), abs=1e-6)
+    exact = out.fidelity[out.fidelity.variant == "exact probe"]
+    assert len(exact) == 3 * 2 * 6 and (exact.spearman > 1 - 1e-6).all() and (exact["overlap@0.5"] == 1.0).all()
+    assert (out.fidelity[out.fidelity.variant == "probe 25%"].spearman < 1 - 1e-3).any()
+    cost = out.cost.groupby("variant").query_share.mean()
+    assert cost["exact probe"] == 1.0 and cost["probe 25%"] == pytest.approx(10 / 40)
+
+
+def _norm_params(**values):
+    return norm_exp.Params.defaults(**values)
 
 
 @pytest.mark.parametrize("values, match", [
-    ({"budgets": [1.0]}, r"ratio in \(0, 1\)"),
-    ({"scorers": ["vatp", "caote", "random", "window_attention"]}, "missing"),
-    ({"window": 512}, "longer than the context"),
-    ({"budgets": [0.02]}, "smallest budget"),
+    ({"arms": {"accumulated": "ZipCache", "normalized": "H2O"}}, "arms must map"),
+    ({"arms": {"accumulated": "H2O"}}, "arms must map"),
+    ({"approximations": [{"name": "random"}]}, "reference score"),
+    ({"budgets": [0.05, 0.5]}, "must hold n_sink"),
+    ({"budgets": [0.5, 1.0]}, r"ratio in \(0, 1\)"),
+    ({"continuation_tokens": 120}, "continuation_tokens must lie"),
 ])
-def test_value_aware_params_reject_bad_values(values, match):
+def test_normalized_params_reject_bad_values(values, match):
     with pytest.raises(ParamsError, match=match):
-        validate_params(va_exp.Params, values)
+        _norm_params(**values)
 
 
-@pytest.mark.slow
-def test_layer0_output_error_equals_the_real_compressed_cache():
-    """Layer 0's inputs do not depend on the cache, so the error measured from one captured prefill must equal the
-    error of the attention output the model really computes on the harness's compressed cache."""
-    from salience.harness import capture_attention, compress_prefill, continuation_logits, full_prefill
-    from salience.kv_tasks import wikipedia_continuations
-    from salience.models import load_model
+def test_stream_auc_closes_every_curve_with_the_full_cache():
+    table = pd.DataFrame([{"scorer": s, "doc": d, "ratio": r, "log_ppl": 3.0 - r + 0.1 * d + (s == "b") * 0.2}
+                          for s in ("a", "b") for d in range(2) for r in (0.1, 0.5)])
+    run = StreamRun(table=table, full=pd.DataFrame({"doc": [0, 1], "log_ppl": [2.0, 2.1]}))
+    auc = norm_exp.stream_auc(run, _norm_params())
+    assert auc.loc[1, "b"] == pytest.approx(area_under_curve([0.1, 0.5, 1.0], [3.2, 2.8, 2.1]))
+    assert list(auc.columns) == ["a", "b", "full cache"]
 
-    bundle = load_model("smollm2-135m", attn_implementation="eager")
-    model = bundle.model
-    params = va_exp.Params(n_documents=1, context_tokens=32, continuation_tokens=4, budgets=[0.5], window=4,
-                           n_sink=2, recent_window=2)
-    context, continuation = wikipedia_continuations(bundle.processor, n=1, context_tokens=32,
-                                                    continuation_tokens=4)[0]
-    errors = va_exp.reconstruction_errors(model, [(context, continuation)], params)
 
-    def layer0_output(compressed) -> torch.Tensor:
-        seen = {}
+def _bias(acc_rho: float, norm_rho: float, docs=8) -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    rows = []
+    for d in range(docs):
+        for scorer, rho in (("accumulated_attention", acc_rho), ("normalized_attention", norm_rho)):
+            for layer in range(3):
+                r = rho + rng.normal(0, 0.02)
+                rows.append({"scorer": scorer, "doc": d, "layer": layer, "rho": r, "abs_rho": abs(r),
+                             "early_share": 0.2})
+    return pd.DataFrame(rows)
 
-        def grab(layer, probs, key, value):
-            if layer == 0:
-                groups = probs.shape[1] // value.shape[1]
-                seen["o"] = (probs.float() @ value.float().repeat_interleave(groups, dim=1))[0].transpose(0, 1)
 
-        with capture_attention(model, grab):
-            continuation_logits(model, compressed, continuation)
-        return seen["o"].flatten(1)  # (N, H_q·D)
+@pytest.mark.parametrize("acc_rho, norm_rho, zip_gap, verdicts", [
+    (-0.3, 0.05, -0.01, ["supported", "supported", "supported"]),
+    (-0.3, 0.4, 0.01, ["supported", "contradicted", "contradicted"]),
+    (0.2, 0.05, 0.0, ["contradicted", "supported", "inconclusive"]),
+])
+def test_normalized_claim_follows_the_numbers(acc_rho, norm_rho, zip_gap, verdicts):
+    rng = np.random.default_rng(4)
+    base = 2.5 + rng.normal(0, 0.05, 8)
+    jitter = rng.normal(0, 0.001, 8) if zip_gap else rng.normal(0, 0.01, 8)
+    auc = pd.DataFrame({"H2O": base, "ZipCache": base + zip_gap + jitter})
+    claim = norm_exp.judge_claim(_bias(acc_rho, norm_rho), auc, _norm_params())
+    assert [p.verdict for p in claim.parts] == verdicts
+    assert all(p.n == 8 for p in claim.parts)
 
-    full = layer0_output(full_prefill(model, context))
-    for name, scorer in va_exp.make_scorers(params).items():
-        compressed = compress_prefill(model, context, scorer, 0.5, n_sink=2, recent_window=2,
-                                      generator=torch.Generator().manual_seed(0))
-        real = float(((layer0_output(compressed) - full).norm(dim=-1) / full.norm(dim=-1)).mean())
-        row = errors[(errors.scorer == name) & (errors.layer == 0)]
-        if name != "random":  # random draws its own numbers in each path
-            assert float(row.output_error.iloc[0]) == pytest.approx(real, rel=1e-3, abs=1e-5), name
+
+def test_compared_pairs_follow_the_references_and_the_control():
+    labels = {"Z": "normalized_attention", "Z probe": "normalized_attention_probe", "K": "keyformer",
+              "H": "accumulated_attention", "R": "random"}
+    assert norm_exp.compared_pairs(labels) == [("Z probe", "Z"), ("K", "H"), ("Z", "R"), ("Z probe", "R"),
+                                               ("K", "R"), ("H", "R")]
+    assert norm_exp.compared_pairs({"Z probe": "normalized_attention_probe"}) == []
+
+
+def test_paired_summary_intervals_cover_the_mean_difference():
+    values = pd.DataFrame({"a": [1.0, 1.2, 0.9, 1.1], "b": [0.5, 0.6, 0.4, 0.7]})
+    row = norm_exp.paired_summary(values, [("a", "b")], "m", seed=0).iloc[0]
+    assert row.effect == pytest.approx(0.5) and row.ci_low < 0.5 < row.ci_high and row.n == 4

@@ -1,4 +1,5 @@
-"""Streaming eviction on a tiny random Llama (GQA: 6 query / 3 KV heads): roles, per-KV-head budgets, lazy eviction.
+"""Streaming eviction on a tiny random Llama (GQA: 6 query / 3 KV heads): batched streams, roles, per-KV-head budgets,
+lazy eviction.
 
 Fast (no embedded model); the real SmolLM2 checks live in test_kv_harness.py (slow).
 """
@@ -8,10 +9,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 from salience.harness import compress_prefill, stream_perplexity
-from salience.harness.kv_streaming import _LayerState
+from salience.harness.kv_eviction import _evict, _LayerState
+from salience.harness.kv_streaming import Stream, stream_batch
 from salience.scorers import AttentionView, Scorer, get_scorer
 
 T = 40
@@ -19,15 +21,10 @@ SEPARATOR_IDS = (5, 9)  # the fake tokenizer decodes these as "." and ",\n"
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    # initializer_range well above the default 0.02 so that attention is far from uniform and heads disagree
-    config = LlamaConfig(vocab_size=32, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=128,
-                         initializer_range=0.3, attn_implementation="eager")
-    model = LlamaForCausalLM(config).eval()
+def tiny(tiny_llama):
+    """conftest's tiny random Llama and one text of T tokens."""
     ids = torch.randint(0, 32, (1, T), generator=torch.Generator().manual_seed(1))
-    return model, ids
+    return tiny_llama, ids
 
 
 class FakeTokenizer:
@@ -78,14 +75,12 @@ def test_per_kv_head_ranks_by_the_gqa_group_mean():
     """Hand computation: 4 query heads, 2 KV heads; each group's mean mass decides that head's kept slots."""
     state = _LayerState(kv_heads=2)
     mass = torch.tensor([[[5.0, 0, 1, 0], [5.0, 0, 1, 0], [0, 3, 0, 1], [0, 3, 0, 2]]])  # (1, 4, 4)
-    state.mass, state.positions = mass.clone(), torch.arange(10, 14).expand(2, -1)
+    state.mass, state.positions = mass.clone(), torch.arange(10, 14).expand(1, 2, -1)
     keys = torch.arange(2 * 4, dtype=torch.float32).view(1, 2, 4, 1)
     cache = DynamicCache()
     cache.update(keys.clone(), keys.clone(), 0)
-    from salience.harness.kv_streaming import _evict
-
     _evict(cache, [state], get_scorer("accumulated_attention"), 2, 0, 0, 13, None)
-    assert state.positions.tolist() == [[10, 12], [11, 13]]  # head 0 keeps slots 0, 2; head 1 keeps 1, 3
+    assert state.positions.tolist() == [[[10, 12], [11, 13]]]  # head 0 keeps slots 0, 2; head 1 keeps 1, 3
     assert cache.layers[0].keys[0, :, :, 0].tolist() == [[0.0, 2.0], [5.0, 7.0]]
     torch.testing.assert_close(state.mass, torch.tensor([[[5.0, 1], [5.0, 1], [3.0, 1], [3.0, 2]]]))
 
@@ -212,3 +207,214 @@ def test_bad_arguments(tiny, kwargs, match):
     model, ids = tiny
     with pytest.raises(ValueError, match=match):
         stream_perplexity(model, ids, get_scorer("recency"), budget=8, **kwargs)
+
+
+# ---------------------------------------------------------------- batched streams
+
+BATCH_SCORERS = [get_scorer("accumulated_attention"), get_scorer("normalized_attention"),
+                 get_scorer("forgetting_attention", factor=0.7), get_scorer("recency"), get_scorer("random"),
+                 get_scorer("keyformer", tau=0.5), get_scorer("normalized_attention_probe", probe_fraction=0.5)]
+
+
+def _documents(n=3):
+    return torch.randint(0, 32, (n, T), generator=torch.Generator().manual_seed(7))
+
+
+def _streams(docs, budgets=(9, 20)):
+    """Every scorer x budget x document, protections varying by row, each row with its own seeded generator."""
+    out = []
+    for d in range(docs):
+        for b in budgets:
+            for k, scorer in enumerate(BATCH_SCORERS):
+                out.append(Stream(doc=d, scorer=scorer, budget=b, n_sink=k % 3, recent_window=(2 * k) % 5,
+                                  generator=torch.Generator().manual_seed(100 * d + k)))
+    return out
+
+
+def _alone(model, docs, s, head_mode):
+    """The same stream run by itself (batch of one), with a fresh generator seeded alike."""
+    gen = None if s.generator is None else torch.Generator().manual_seed(s.generator.initial_seed())
+    return stream_perplexity(model, docs[s.doc : s.doc + 1], s.scorer, s.budget, n_sink=s.n_sink,
+                             recent_window=s.recent_window, chunk_size=6, generator=gen, head_mode=head_mode)
+
+
+@pytest.mark.parametrize("head_mode, max_rows", [("shared", 16), ("per_kv_head", 5)])
+def test_batched_streams_equal_one_at_a_time(tiny, head_mode, max_rows):
+    """Many rows (documents x scorers x budgets, mixed decays, protections and generators) in one batch: with 16 rows
+    per pass two documents share a forward pass, with 5 a document's rows are split over passes. Each row's NLL,
+    kept positions and recorded cache lengths equal the row streamed alone."""
+    model, _ = tiny
+    docs = _documents()
+    streams = _streams(len(docs))
+    batch = stream_batch(model, docs, streams, chunk_size=6, head_mode=head_mode, max_rows=max_rows)
+    assert len(batch.results) == len(streams)
+    for s, got in zip(streams, batch.results):
+        want = _alone(model, docs, s, head_mode)
+        assert got.nll_sum == pytest.approx(want.nll_sum, rel=1e-5), s
+        assert got.n_predicted == want.n_predicted == T - 1
+        assert torch.equal(got.kept_positions, want.kept_positions), s
+        assert got.cache_lengths == want.cache_lengths and got.evictions == want.evictions > 0
+        assert got.head_lengths == want.head_lengths and got.peak_cache_len == want.peak_cache_len
+
+
+def test_batched_rows_record_their_own_cache_and_keep_their_own_tokens(tiny):
+    model, _ = tiny
+    docs = _documents(2)
+    streams = [Stream(doc=d, scorer=get_scorer(name), budget=10, n_sink=2, recent_window=2)
+               for d in range(2) for name in ("accumulated_attention", "normalized_attention")]
+    batch = stream_batch(model, docs, streams, chunk_size=4, head_mode="per_kv_head")
+    n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    for r in batch.results:
+        assert r.evictions == len(r.cache_lengths) == len(r.head_lengths) > 0
+        assert all(lengths == [10] * n_layers for lengths in r.cache_lengths)
+        assert all(heads == [[10] * n_kv] * n_layers for heads in r.head_lengths)
+        assert r.max_cache_len == 10 and r.peak_cache_len == 10 + 4  # budget + one chunk before eviction
+    kept = [r.kept_positions for r in batch.results]
+    assert not torch.equal(kept[0], kept[1])  # two scorers on one document keep different tokens
+    assert not torch.equal(kept[0], kept[2])  # one scorer on two documents too
+
+
+def test_uncompressed_trunk_is_the_full_cache_baseline(tiny):
+    model, _ = tiny
+    docs = _documents(2)
+    batch = stream_batch(model, docs, [Stream(doc=1, scorer=get_scorer("recency"), budget=T)], chunk_size=7)
+    for d in range(2):
+        assert batch.full[d].nll_sum == pytest.approx(full_nll(model, docs[d : d + 1]), rel=1e-5)
+        assert batch.full[d].evictions == 0 and batch.full[d].peak_cache_len == T
+    never = batch.results[0]  # a budget that holds the whole text never evicts: the full row
+    assert never.evictions == 0 and never.kept_positions is None
+    assert never.nll_sum == batch.full[1].nll_sum
+
+
+class TokenCounter:
+    """Counts the tokens (rows x positions) every forward pass of a model processes."""
+
+    def __init__(self, model):
+        self.tokens = 0
+        self.handle = model.model.embed_tokens.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        self.tokens += args[0].numel()
+
+
+def test_rows_share_the_uncompressed_prefix(tiny):
+    """Work is shared: one trunk per document runs the tokens before a budget's first eviction once; every row
+    forks from it there. Tokens processed = D·T (trunk to the end) + Σ rows × (T − first eviction point)."""
+    model, _ = tiny
+    docs = _documents(2)
+    streams = [Stream(doc=d, scorer=get_scorer(name), budget=b, n_sink=1)
+               for d in range(2) for b in (8, 17) for name in ("accumulated_attention", "recency", "random")]
+    counter = TokenCounter(model)
+    try:
+        stream_batch(model, docs, streams, chunk_size=5, max_rows=4)
+    finally:
+        counter.handle.remove()
+    # chunks end at 5, 10, ...: budget 8 first evicts after the chunk ending at 10, budget 17 after the one at 20
+    assert counter.tokens == 2 * T + 6 * (T - 10) + 6 * (T - 20)
+
+
+@pytest.mark.parametrize("max_rows", [16, 2])
+def test_observe_sees_the_uncompressed_attention_rows(tiny, max_rows):
+    """The trunk's attention rows, chunk by chunk (in slices of max_rows documents), are those of one plain forward
+    pass; the forks of the slices are merged in document order (rows equal their streams alone)."""
+    model, _ = tiny
+    docs = _documents(3)
+    seen = {}
+
+    def observe(layer, probs, positions, rows):
+        seen.setdefault(layer, []).append((probs.clone(), positions.clone(), rows))
+
+    streams = [Stream(doc=d, scorer=get_scorer("normalized_attention"), budget=12, n_sink=1) for d in (2, 0, 1)]
+    batch = stream_batch(model, docs, streams, chunk_size=8, observe=observe, max_rows=max_rows)
+    with torch.inference_mode():
+        full = model(docs, output_attentions=True).attentions
+    for layer, parts in seen.items():
+        got = torch.zeros_like(full[layer])
+        for probs, positions, rows in parts:
+            got[rows.start : rows.stop, :, positions, : probs.shape[-1]] = probs
+        torch.testing.assert_close(got, full[layer], atol=1e-5, rtol=1e-4)
+    assert sorted(seen) == list(range(model.config.num_hidden_layers))
+    for s, got in zip(streams, batch.results):
+        alone = stream_perplexity(model, docs[s.doc : s.doc + 1], s.scorer, 12, n_sink=1, chunk_size=8)
+        assert got.nll_sum == pytest.approx(alone.nll_sum, rel=1e-5) and torch.equal(got.kept_positions,
+                                                                                      alone.kept_positions)
+
+
+@dataclass
+class DecayRecorder(Scorer):
+    """Keeps the newest tokens (recency) and records, at every eviction, each layer's view: positions, the chunk's
+    attention rows and the running key mass the harness aged by ``factor`` per query."""
+
+    name = "decay_recorder_test"
+    needs = frozenset({"attention", "key_mass"})
+    factor: float = 0.5
+
+    def __post_init__(self):
+        self.views = []
+
+    @property
+    def mass_decay(self) -> float:
+        return self.factor
+
+    def score(self, view: AttentionView) -> torch.Tensor:
+        self.views.append((view.key_positions.clone(), view.attention.clone(), view.key_mass.clone()))
+        return view.key_positions.float().expand(1, view.key_mass.shape[1], -1).clone()
+
+
+def test_running_mass_is_aged_per_row_across_the_fork(tiny):
+    """Rows with decays 0.5 and 1 batched together (two trunk masses, one group): at every eviction each row's key
+    mass equals Σ_q factor^(newest − q) a_q computed independently: from a plain forward pass of the uncompressed
+    prefix up to the fork, then from the chunks' recorded attention rows on the evicted cache."""
+    model, _ = tiny
+    docs = _documents(1)
+    chunk, budget, fork = 4, 8, 12  # the first chunk end with at least budget + 1 entries
+    recorders = [DecayRecorder(factor=0.5), DecayRecorder(factor=1.0)]
+    stream_batch(model, docs, [Stream(0, r, budget, n_sink=1) for r in recorders], chunk_size=chunk)
+    layers = model.config.num_hidden_layers
+    with torch.inference_mode():
+        prefix = model(docs[:, :fork], output_attentions=True).attentions
+    for recorder in recorders:
+        f = recorder.factor
+        steps = [recorder.views[i : i + layers] for i in range(0, len(recorder.views), layers)]
+        weights = f ** torch.arange(fork - 1, -1, -1, dtype=torch.float32)
+        previous = [torch.einsum("bhqk,q->bhk", a.float(), weights) for a in prefix]
+        previous_positions = [torch.arange(fork)] * layers
+        for k, step in enumerate(steps):
+            for layer, (positions, attention, mass) in enumerate(step):
+                if k == 0:
+                    expected = previous[layer]
+                else:
+                    carried = [previous_positions[layer].tolist().index(p) for p in positions[:-chunk]]
+                    rows = torch.einsum("bhqk,q->bhk", attention.float(), f ** torch.arange(chunk - 1, -1, -1.0))
+                    expected = torch.nn.functional.pad(previous[layer][..., carried] * f**chunk, (0, chunk)) + rows
+                torch.testing.assert_close(mass, expected, atol=1e-5, rtol=1e-4)
+                previous[layer], previous_positions[layer] = mass, positions
+        assert len(steps) == (T - fork) // chunk + 1
+
+
+def test_decays_are_per_row():
+    """Two rows absorbed with decays 1 and 0.5 equal each row absorbed alone."""
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 2, 3, 3), -1)
+    both = _LayerState(rows=2)
+    both.absorb(probs, torch.arange(3), torch.tensor([1.0, 0.5]))
+    for r, f in enumerate((1.0, 0.5)):
+        alone = _LayerState()
+        alone.absorb(probs[r : r + 1], torch.arange(3), f)
+        torch.testing.assert_close(both.mass[r : r + 1], alone.mass)
+    torch.testing.assert_close(both.mass[1, :, 0], 0.25 * probs[1, :, 0, 0] + 0.5 * probs[1, :, 1, 0]
+                               + probs[1, :, 2, 0])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(streams=[Stream(doc=2, scorer=get_scorer("recency"), budget=8)]), r"doc must be a row of input_ids in \[0, 1"),
+    (dict(max_rows=0), "max_rows must be"),
+    (dict(roles={"separator": torch.zeros(3, T, dtype=torch.bool)}), r"must be \(documents, tokens\)"),
+    (dict(observe=lambda *a: None, attention="fused"), "observe needs attention='eager'"),
+    (dict(streams=[]), "at least one stream"),
+])
+def test_batch_bad_arguments(tiny, kwargs, match):
+    model, _ = tiny
+    kwargs = {"streams": [Stream(doc=0, scorer=get_scorer("recency"), budget=8)], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        stream_batch(model, _documents(2), **kwargs)

@@ -8,25 +8,30 @@ import sys
 import pytest
 
 from salience.experiments.kv_normalized_attention import Params
-from salience.params import ParamsError, load_params, param_sets, validate_params
+from salience.params import ParamsError, load_params, param_file, param_sets, read_param_file, validate_params
 from salience.paths import REPO_ROOT
 
 NB = "kv-normalized-attention"
 
 
+def _on_defaults(values: dict) -> dict:
+    """``values`` over the default set (``Params`` has no default values of its own)."""
+    return {**read_param_file(param_file(NB)), **values}
+
+
 @pytest.mark.parametrize("values,needle", [
     ({"budgetz": [0.1]}, "unknown key 'budgetz' (allowed keys: seed, device, model"),
-    ({"budgets": [0.1, 1.5]}, "budgets: every budget must be a ratio in (0, 1]"),
+    ({"budgets": [0.1, 1.5]}, "budgets: every budget must be a ratio in (0, 1)"),
     ({"n_documents": "two"}, "n_documents: Input should be a valid integer"),
     ({"model": "not-a-model"}, "use an embedded name (smollm2-135m"),
     ({"dataset": "imdb"}, "dataset: Input should be 'wikipedia' or 'news'"),
-    ({"scorers": ["h2o"]}, "'accumulated_attention', 'normalized_attention'"),
+    ({"scorers": ["h2o"]}, "unknown scorer 'h2o'"),
     ({"n_sink": 40, "recent_window": 8}, "must hold n_sink + recent_window = 48"),
     ({"device": "gpu"}, "device must be cpu, cuda, cuda:N or mps"),
 ])
 def test_one_line_errors(values, needle):
     with pytest.raises(ParamsError) as err:
-        validate_params(Params, values, "params/x.yaml")
+        validate_params(Params, _on_defaults(values), "params/x.yaml")
     msg = str(err.value)
     assert needle in msg and "\n" not in msg and msg.startswith("params/x.yaml: ")
 
@@ -38,8 +43,9 @@ def test_every_shipped_parameter_set_validates():
 
 
 def test_model_accepts_hf_ids_and_local_folders(tmp_path):
-    assert validate_params(Params, {"model": "HuggingFaceTB/SmolLM2-360M"}).model == "HuggingFaceTB/SmolLM2-360M"
-    assert validate_params(Params, {"model": str(tmp_path)}).model == str(tmp_path)
+    hf_id = validate_params(Params, _on_defaults({"model": "HuggingFaceTB/SmolLM2-360M"}))
+    assert hf_id.model == "HuggingFaceTB/SmolLM2-360M"
+    assert validate_params(Params, _on_defaults({"model": str(tmp_path)})).model == str(tmp_path)
 
 
 def _snapshot(folder):
@@ -69,7 +75,7 @@ def test_bad_parameter_file_changes_nothing(tmp_path):
 def test_bad_override_and_unknown_set(tmp_path):
     env = {"SALIENCE_OUTPUTS": str(tmp_path / "outputs")}
     proc = _cli("validate", NB, "-p", "budgets=[0.1, 2]", env=env)
-    assert proc.returncode == 2 and "budgets" in proc.stderr and "(0, 1]" in proc.stderr
+    assert proc.returncode == 2 and "budgets" in proc.stderr and "(0, 1)" in proc.stderr
     proc = _cli("run", NB, "--params", "tpu", env=env)
     assert proc.returncode == 2 and "no parameter set 'tpu'" in proc.stderr and "default, gpu" in proc.stderr
     assert not (tmp_path / "outputs").exists()

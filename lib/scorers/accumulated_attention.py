@@ -1,4 +1,4 @@
-"""Accumulated attention (H2O, Zhang et al. 2023): the attention mass each key has received, summed over queries."""
+"""Accumulated attention (H2O [@h2o]): the attention mass each key has received, summed over queries."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A2SF (s235): accumulated attention with a forgetting factor, so old attention counts less."""
+"""A2SF [@a2sf]: accumulated attention with a forgetting factor, so old attention counts less."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Keyformer (s68): accumulated Gumbel-softmax score, so keys keep a chance after the distribution shifts."""
+"""Keyformer [@keyformer]: accumulated Gumbel-softmax score, so keys keep a chance after the distribution shifts."""
 
 from __future__ import annotations
 

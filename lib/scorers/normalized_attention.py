@@ -1,4 +1,5 @@
-"""Normalized attention (ZipCache, s97): accumulated attention divided by the number of queries that saw the key."""
+"""Normalized attention (ZipCache [@zipcache]): accumulated attention divided by the number of queries that saw the
+key."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ZipCache's probe approximation (s97): normalized attention measured from a few probe queries only."""
+"""ZipCache's probe approximation [@zipcache]: normalized attention measured from a few probe queries only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Recency: newer tokens matter more. With protected sinks this is StreamingLLM (s-id in methods.md, family A/F)."""
+"""Recency: newer tokens matter more. With protected sinks this is StreamingLLM [@streamingllm]."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .base import AttentionView, Scorer, register
 class RecencyScorer(Scorer):
     """Score = original token position, so top-k keeps the most recent window.
 
-    StreamingLLM (Xiao et al., 2023) = this scorer + ``n_sink`` protected initial tokens in the selection.
+    StreamingLLM [@streamingllm] = this scorer + ``n_sink`` protected initial tokens in the selection.
     Returns ``(B, H, K)`` (the same ranking for every head). Attention-free.
     """
 

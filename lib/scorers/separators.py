@@ -1,4 +1,4 @@
-"""SepLLM (s208): separator tokens act as condensed summaries of their segment, so keep them."""
+"""SepLLM [@sepllm]: separator tokens act as condensed summaries of their segment, so keep them."""
 
 from __future__ import annotations
 
