@@ -319,8 +319,9 @@ class Claim:
             better = "higher" if p.higher_is_better else "lower"
             delta = f"{p.smallest_effect:g}" if p.direction != "check" else "—"
             ci = _effect_text(p) + (f" ({p.confidence:.0%})" if p.direction != "check" else "")
-            lines.append(f"| {p.id} | {p.statement} | {p.metric}, {better} is better ({p.unit}) | {p.n} | "
-                         f"{p.direction} | {delta} | {ci} | **{p.verdict}** |")
+            cells = [p.id, p.statement, f"{p.metric}, {better} is better ({p.unit})", str(p.n), p.direction, delta, ci,
+                     f"**{p.verdict}**"]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         units = ", ".join(sorted({p.unit + "s" for p in self.parts if p.direction != "check"}))
         method = (f"Comparisons are paired over {units}; each interval is a seeded paired bootstrap of the mean "
                   f"difference (BCa, {N_RESAMPLES} resamples; 90% for equivalence parts, which are two one-sided "
@@ -334,6 +335,11 @@ class Claim:
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """A markdown table cell: a literal ``|`` (e.g. in ``|ρ|``) would end the cell, so it is escaped."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _effect_text(p: Part) -> str:

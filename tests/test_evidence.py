@@ -168,3 +168,12 @@ def test_part_rules_must_name_exactly_the_parts():
         check_part_rules({"a_vs_b": rule}, specs)
     with pytest.raises(ValueError):
         PartRule(direction="better", smallest_effect=0.0)
+
+
+def test_a_bar_in_a_statement_does_not_break_the_findings_table():
+    a, b = _arms(0.05)
+    spec = PartSpec("abs_rho", "mean |rho| falls", "|rho|", "document")
+    text = Claim("nb", "T", "s", ["h2o"], [judge(spec, PartRule(direction="better", smallest_effect=0.01), a, b)]
+                 ).markdown()
+    row = next(line for line in text.splitlines() if line.startswith("| abs_rho"))
+    assert row.count("|") - row.count("\\|") == 9  # eight cells, nine unescaped separators
