@@ -1,15 +1,25 @@
-"""Tasks and metrics for prefill KV compression (:mod:`salience.harness.kv_prefill_compression`).
+"""Continuation tasks for prefill KV compression, and what every KV task table shares (areas, reference rows).
 
-Every function returns a tidy ``pandas.DataFrame``, one row per (sample,) scorer and budget, and its first row(s) are
-the **uncompressed model** (``scorer == "uncompressed"``, ``budget == 1.0``), computed without the harness:
+Every table is tidy, one row per (document,) scorer and budget, and it starts with the **reference rows**:
 
-* :func:`continuation_metrics` (and its views :func:`continuation_nll`, :func:`kl_to_full_cache`): the context is
-  compressed, the continuation is fed on the compressed cache; mean NLL / perplexity of the continuation, and
-  KL(full ∥ compressed) of the next-token distributions against one uncompressed forward pass of context +
-  continuation. :func:`wikipedia_continuations` cuts (context, continuation) pairs from the shipped Wikipedia text.
-* :func:`needle_accuracy`: passkey retrieval from a compressed haystack, query-agnostic or query-aware, with a
-  diagnostic of how much of the needle's token span survived in each layer and KV head.
-* :func:`area_under_budget_curve`: one number per scorer, the mean height of its quality-vs-budget curve.
+* the **uncompressed model** (``scorer == "uncompressed"``, ``budget == 1.0``): the same forward pass that scores the
+  context gives its predictions, so it costs nothing extra;
+* the **oracle** (``scorer == "oracle"``, with ``oracle=True``): a kept set chosen with knowledge no real scorer has.
+  For a continuation it keeps, at the same budget and protections, the context keys that the continuation's own
+  queries attend to most in the uncompressed forward pass of context + continuation (accumulated over those queries,
+  per head, reduced to KV heads like every scorer). It reads the attention the tokens to be predicted really pay,
+  so it shows what a good kept set can reach at that budget.
+
+The shared path (:func:`~salience.harness.kv_prefill.shared_prefill`): per document one uncompressed prefill of
+context + continuation captures every layer's attention once; every scorer (and the oracle) scores the context from
+it; every scorer × budget's compressed cache is gathered from that prefill's cache; the continuations are fed in
+batches (:func:`~salience.harness.kv_feed.feed_batched`, rows of equal cache length in one forward pass). Each
+compression asserts every layer's cache length; tables record it (``cache_len``).
+
+:func:`continuation_metrics` (and its views :func:`continuation_nll`, :func:`kl_to_full_cache`): NLL, perplexity
+and KL(full ∥ compressed) of a continuation after compressing its context. :func:`continuation_runs` does it for
+many documents. :func:`area_under_budget_curve`: one number per scorer, the mean height of its quality-vs-budget
+curve. Passkey retrieval lives in :mod:`salience.kv_passkey`.
 
 Which positions count: continuation token 0 is predicted by the prefill itself, before compression takes effect
 (as in kvpress), so it is the same for every scorer and left out. NLL covers the ``n − 1`` tokens predicted by fed
@@ -21,38 +31,36 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .harness.attention_capture import check_attention_path
+from .harness.kv_feed import feed_batched
+from .harness.kv_prefill import ScoringView, shared_prefill
 from .harness.kv_prefill_compression import (
     HEAD_MODES,
-    _check_ids,
-    _check_protection,
-    _check_scorer_window,
-    _plain_number,
-    _eos_ids,
     as_scorer,
-    compress_prefill,
-    continuation_logits,
-    full_prefill,
-    greedy_tokens,
+    check_ids,
+    check_protection,
+    check_scorer_window,
+    compress_shared,
+    plain_number,
 )
 from .metrics import area_under_curve
+from .scorers.accumulated_attention import AccumulatedAttention
 from .scorers.base import Scorer
+from .seeding import unit_seed
 from .selection import resolve_budget
 
-if TYPE_CHECKING:  # the data package pulls in `datasets`; only the type is needed here
-    from .data.needle import NeedlePrompt
-
 BASELINE = "uncompressed"
+ORACLE = "oracle"
+REFERENCES = (BASELINE, ORACLE)
 
 
-def _scorer_items(scorers) -> list[tuple[str, Scorer]]:
+def scorer_items(scorers) -> list[tuple[str, Scorer]]:
     """``[(label, scorer)]`` from one scorer/name, a sequence of them, or a ``{label: scorer}`` mapping."""
     if isinstance(scorers, (Scorer, str)):
         scorers = [scorers]
@@ -63,31 +71,44 @@ def _scorer_items(scorers) -> list[tuple[str, Scorer]]:
     labels = [label for label, _ in items]
     if not items:
         raise ValueError("give at least one scorer")
-    if len(set(labels)) != len(labels) or BASELINE in labels:
-        raise ValueError(f"scorer labels must be unique and not {BASELINE!r}, got {labels}; pass a dict "
-                         "{label: scorer} to tell variants apart")
+    if len(set(labels)) != len(labels) or set(labels) & set(REFERENCES):
+        raise ValueError(f"scorer labels must be unique and not {BASELINE!r} or {ORACLE!r}, got {labels}; pass a "
+                         "dict {label: scorer} to tell variants apart")
     return items
 
 
-def _budget_list(budgets) -> list[float | int]:
+def budget_list(budgets) -> list[float | int]:
     if isinstance(budgets, (numbers.Number, str)):
         budgets = [budgets]
-    budgets = [_plain_number(b) for b in budgets]
+    budgets = [plain_number(b) for b in budgets]
     if not budgets:
         raise ValueError("give at least one budget: a ratio in (0, 1] or a token count")
     return budgets
 
 
-def _check_settings(items, budgets, lengths, head_mode, n_sink, recent_window, attention) -> None:
+def check_settings(items, budgets, lengths, head_mode, n_sink, recent_window, attention) -> None:
     """Every bad argument fails before the first forward pass. ``lengths``: ``(context_len, prefill_len)`` pairs."""
     if head_mode not in HEAD_MODES:
         raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
     check_attention_path(attention, [s for _, s in items])
     for context_len, prefill_len in lengths:
         for _, scorer in items:
-            _check_scorer_window(scorer, prefill_len)
+            check_scorer_window(scorer, prefill_len)
         for budget in budgets:
-            _check_protection(n_sink, recent_window, resolve_budget(_plain_number(budget), context_len), context_len)
+            check_protection(n_sink, recent_window, resolve_budget(plain_number(budget), context_len), context_len)
+
+
+def measured_cache_len(c) -> int:
+    """Cache entries per layer of a compression (a :class:`~salience.harness.kv_prefill_compression.CompressedPrefill`)
+    as measured in every layer right after it, checked against the expected ``budget_tokens + question_len``."""
+    if set(c.cache_lengths) != {c.compressed_length}:
+        raise RuntimeError(f"cache lengths {c.cache_lengths} differ from the expected {c.compressed_length}")
+    return int(c.cache_lengths[0])
+
+
+def oracle_scorer() -> Scorer:
+    """The oracle's rule, applied to the rows of the tokens that follow the context: attention they pay, summed."""
+    return AccumulatedAttention()
 
 
 def wikipedia_continuations(tokenizer, n: int = 4, context_tokens: int = 96, continuation_tokens: int = 32,
@@ -130,6 +151,104 @@ def _continuation_row(label, budget, budget_tokens, context_len, logp, ref_logp,
     }
 
 
+def _continuation_jobs(model, context, continuation, items, budgets, *, oracle, head_mode, n_sink, recent_window,
+                       attention, generator, tokenizer, on_prefill=None):
+    """One shared prefill of context + continuation: the reference log-probs and every (label, budget) compression
+    (``on_prefill(prefill)`` sees the prefill first, with the continuation's attention rows kept)."""
+    context_len, n = context.shape[1], continuation.shape[1]
+    ids = torch.cat([context, continuation], dim=1)
+    views = [ScoringView("context", context_len, dict(items))]
+    if oracle:
+        views.append(ScoringView("future", context_len + n, {ORACLE: oracle_scorer()}, first_query=context_len))
+    if attention == "fused":  # key mass over every row: score the context alone, take the reference separately
+        if oracle:
+            raise ValueError("the continuation oracle reads the continuation's attention rows: use attention='eager'")
+        prefill = shared_prefill(model, context, context_len, views, attention="fused", generator=generator,
+                                 tokenizer=tokenizer)
+        reference = model(ids, logits_to_keep=n).logits[0].float()
+    else:
+        prefill = shared_prefill(model, ids, context_len, views, logits_rows=n, generator=generator,
+                                 tokenizer=tokenizer, rows_from=context_len if on_prefill else None)
+        reference = prefill.logits
+    if on_prefill is not None:
+        on_prefill(prefill)
+    labels = ([(ORACLE, "future")] if oracle else []) + [(label, "context") for label, _ in items]
+    jobs = [(label, budget, compress_shared(prefill, prefill.scores[view, label], budget, head_mode=head_mode,
+                                            n_sink=n_sink, recent_window=recent_window, scorer_name=label))
+            for label, view in labels for budget in budgets]
+    return torch.log_softmax(reference, dim=-1), jobs
+
+
+@torch.inference_mode()
+def continuation_runs(
+    model: nn.Module,
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    scorers,
+    budgets,
+    *,
+    oracle: bool = True,
+    head_mode: str = "per_kv_head",
+    n_sink: int = 0,
+    recent_window: int = 0,
+    attention: str = "eager",
+    seed: int | torch.Generator | None = 0,
+    tokenizer=None,
+    batch_size: int = 32,
+    units_per_batch: int = 4,
+    progress: bool = True,
+    on_prefill=None,
+) -> pd.DataFrame:
+    """:func:`continuation_metrics` for many ``(context (1, C), continuation (1, N))`` pairs, with the oracle rows.
+
+    One shared prefill per document; the rows of ``units_per_batch`` documents are fed together in batches of up to
+    ``batch_size`` (rows of equal cache length share a forward pass). ``seed``: an int gives every (document, scorer)
+    its own seeded generator (document ``d`` uses :func:`~salience.seeding.unit_seed`, ``seed * 1000 + d``); a
+    ``torch.Generator`` is used by every stochastic scorer in turn; None leaves them unseeded. Columns: ``doc``, then
+    :func:`continuation_metrics`' columns plus ``cache_len`` (entries per layer, asserted); per document the
+    uncompressed row comes first, then the oracle rows, then scorer × budget. ``on_prefill(doc, prefill)``, when
+    given, is called with each document's :class:`~salience.harness.kv_prefill.SharedPrefill` (its
+    ``rows_attention`` then holds the continuation's attention rows), e.g. to measure attention-output errors from
+    the same pass.
+    """
+    items, budgets = scorer_items(scorers), budget_list(budgets)
+    pairs = [(check_ids(c, "context_ids"), check_ids(n, "continuation_ids")) for c, n in pairs]
+    if not pairs:
+        raise ValueError("give at least one (context, continuation) pair")
+    if any(n.shape[1] < 2 for _, n in pairs):
+        raise ValueError("every continuation needs >= 2 tokens to predict any")
+    if units_per_batch < 1:
+        raise ValueError(f"units_per_batch must be >= 1, got {units_per_batch}")
+    check_settings(items, budgets, [(c.shape[1], c.shape[1]) for c, _ in pairs], head_mode, n_sink, recent_window,
+                   attention)
+    device = next(model.parameters()).device
+    rows = []
+    bar = tqdm(total=len(pairs), desc="continuations", disable=not progress)
+    for first in range(0, len(pairs), units_per_batch):
+        work = []
+        for d in range(first, min(first + units_per_batch, len(pairs))):
+            context, continuation = (t.to(device) for t in pairs[d])
+            gen = unit_seed(seed, d)
+            ref_logp, jobs = _continuation_jobs(model, context, continuation, items, budgets, oracle=oracle,
+                                                head_mode=head_mode, n_sink=n_sink, recent_window=recent_window,
+                                                attention=attention, generator=gen, tokenizer=tokenizer,
+                                                on_prefill=None if on_prefill is None else
+                                                (lambda prefill, d=d: on_prefill(d, prefill)))
+            work.append((d, context.shape[1], continuation[0], ref_logp, jobs))
+        feeds = [(c, continuation[None]) for _, _, continuation, _, jobs in work for _, _, c in jobs]
+        logits = iter(feed_batched(model, feeds, batch_size=batch_size))
+        for d, context_len, targets, ref_logp, jobs in work:
+            rows.append({"doc": d, **_continuation_row(BASELINE, 1.0, context_len, context_len, ref_logp, ref_logp,
+                                                       targets, head_mode=None, cache_len=context_len)})
+            for label, budget, c in jobs:
+                logp = torch.log_softmax(next(logits), dim=-1)
+                rows.append({"doc": d, **_continuation_row(label, budget, c.budget_tokens, context_len, logp,
+                                                           ref_logp, targets, head_mode=head_mode,
+                                                           cache_len=measured_cache_len(c))})
+            bar.update()
+    bar.close()
+    return pd.DataFrame(rows)
+
+
 @torch.inference_mode()
 def continuation_metrics(
     model: nn.Module,
@@ -142,39 +261,30 @@ def continuation_metrics(
     n_sink: int = 0,
     recent_window: int = 0,
     attention: str = "eager",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = 0,
     tokenizer=None,
+    oracle: bool = False,
 ) -> pd.DataFrame:
     """NLL, perplexity and KL to the full cache of ``continuation_ids`` ``(1, n ≥ 2)`` after compressing
     ``context_ids`` ``(1, T)`` (query-agnostic), for every scorer and budget.
 
     ``scorers``: one scorer or name, a list, or ``{label: scorer}``; ``budgets``: one or a list of ratios in (0, 1]
-    or token counts in [1, T]. The first row is the uncompressed model (one forward pass of context + continuation),
-    which is also the KL reference. ``tokenizer``: lets the harness build the token roles a scorer requires
-    (SepLLM's separators). Columns: scorer, budget, budget_tokens, budget_ratio, context_len, head_mode,
-    n_predicted, nll (mean nats per token), perplexity, kl_mean, kl_max (nats), top1_agreement.
+    or token counts in [1, T]. The first row is the uncompressed model (the forward pass of context + continuation
+    that also scores the context), which is the KL reference; with ``oracle`` the oracle rows follow. ``generator``
+    seeds the stochastic scorers: an int as :func:`continuation_runs` seeds its first document (the default 0 gives
+    the rows ``continuation_runs(..., seed=0)`` gives for document 0), a ``torch.Generator`` is used by every
+    stochastic scorer in turn, None leaves them unseeded; ``tokenizer`` lets the harness build the token roles a
+    scorer requires (SepLLM's separators). Columns: scorer, budget, budget_tokens, budget_ratio, context_len,
+    head_mode, cache_len, n_predicted, nll (mean nats per token), perplexity, kl_mean, kl_max (nats), top1_agreement.
     """
-    context_ids = _check_ids(context_ids, "context_ids")
-    continuation_ids = _check_ids(continuation_ids, "continuation_ids").to(context_ids.device)
+    context_ids = check_ids(context_ids, "context_ids")
+    continuation_ids = check_ids(continuation_ids, "continuation_ids").to(context_ids.device)
     if continuation_ids.shape[1] < 2:
         raise ValueError(f"the continuation needs >= 2 tokens to predict any, got {continuation_ids.shape[1]}")
-    items, budgets = _scorer_items(scorers), _budget_list(budgets)
-    context_len = context_ids.shape[1]
-    _check_settings(items, budgets, [(context_len, context_len)], head_mode, n_sink, recent_window, attention)
-
-    targets = continuation_ids[0]
-    ref = model(torch.cat([context_ids, continuation_ids], dim=1)).logits[0, context_len:].float()
-    ref_logp = torch.log_softmax(ref, dim=-1)
-    rows = [_continuation_row(BASELINE, 1.0, context_len, context_len, ref_logp, ref_logp, targets, head_mode=None)]
-    for label, scorer in items:
-        for budget in budgets:
-            compressed = compress_prefill(model, context_ids, scorer, budget, head_mode=head_mode, n_sink=n_sink,
-                                          recent_window=recent_window, attention=attention, generator=generator,
-                                          tokenizer=tokenizer)
-            logp = torch.log_softmax(continuation_logits(model, compressed, continuation_ids)[0], dim=-1)
-            rows.append(_continuation_row(label, budget, compressed.budget_tokens, context_len, logp, ref_logp,
-                                          targets, head_mode=head_mode))
-    return pd.DataFrame(rows)
+    df = continuation_runs(model, [(context_ids, continuation_ids)], scorers, budgets, oracle=oracle,
+                           head_mode=head_mode, n_sink=n_sink, recent_window=recent_window, attention=attention,
+                           seed=generator, tokenizer=tokenizer, progress=False)
+    return df.drop(columns="doc")
 
 
 _KEYS = ["scorer", "budget", "budget_tokens", "budget_ratio", "context_len", "head_mode", "n_predicted"]
@@ -192,123 +302,6 @@ def kl_to_full_cache(model, context_ids, continuation_ids, scorers, budgets, **k
         _KEYS + ["kl_mean", "kl_max", "top1_agreement"]]
 
 
-@dataclass(frozen=True)
-class NeedleInputs:
-    """Token ids of one needle prompt, split as the harness needs them.
-
-    ``context_ids`` ``(1, T)`` is what gets compressed (chat-template head + haystack), ``question_ids`` ``(1, T_q)``
-    the question (and the template's tail), ``answer_prefix_ids`` ``(1, T_a)`` or None, fed after compression in
-    both modes. ``needle_span`` is ``[start, stop)`` in ``context_ids``.
-    """
-
-    context_ids: torch.Tensor
-    question_ids: torch.Tensor
-    answer_prefix_ids: torch.Tensor | None
-    needle_span: tuple[int, int]
-
-
-def needle_inputs(tokenizer, prompt: NeedlePrompt, *, chat_template: bool = True,
-                  answer_prefix: str = "") -> NeedleInputs:
-    """Lay out ``prompt`` as one user turn ``context + "\\n\\n" + question`` (with the tokenizer's chat template and
-    its generation prompt when it has one and ``chat_template``; else ``"\\n\\nQuestion: … \\nAnswer:"``).
-
-    The haystack keeps ``prompt.context_ids`` exactly, so the needle span stays exact (shifted by the template head).
-    """
-    def encode(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
-    marker = "\u0000CONTEXT\u0000"
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": f"{marker}\n\n{prompt.question}"}],
-                                                 add_generation_prompt=True, tokenize=False)
-        head, tail = rendered.split(marker)
-    else:
-        head, tail = "", f"\n\nQuestion: {prompt.question}\nAnswer:"
-    head_ids = encode(head)
-    context = torch.tensor(head_ids + list(prompt.context_ids))[None]
-    prefix = encode(answer_prefix)
-    start, stop = prompt.needle_token_span
-    return NeedleInputs(
-        context_ids=context,
-        question_ids=torch.tensor(encode(tail))[None],
-        answer_prefix_ids=torch.tensor(prefix)[None] if prefix else None,
-        needle_span=(start + len(head_ids), stop + len(head_ids)),
-    )
-
-
-def _cat(*parts: torch.Tensor | None) -> torch.Tensor | None:
-    parts = [p for p in parts if p is not None and p.numel()]
-    return torch.cat(parts, dim=1) if parts else None
-
-
-@torch.inference_mode()
-def needle_accuracy(
-    model: nn.Module,
-    tokenizer,
-    prompts: Sequence[NeedlePrompt],
-    scorers,
-    budgets,
-    *,
-    query_aware: bool = False,
-    head_mode: str = "per_kv_head",
-    n_sink: int = 0,
-    recent_window: int = 0,
-    attention: str = "eager",
-    generator: torch.Generator | None = None,
-    max_new_tokens: int = 12,
-    chat_template: bool = True,
-    answer_prefix: str = "",
-) -> pd.DataFrame:
-    """Passkey retrieval from a compressed context: one row per prompt × (uncompressed, then scorer × budget).
-
-    Query-agnostic: the context is compressed alone, then question + answer prefix are fed. Query-aware: context and
-    question are prefilled together (the question's attention rows score the context, the question stays in the
-    cache outside the budget), then the answer prefix is fed. The answer is greedy (``max_new_tokens``, stopping at
-    end-of-sequence); ``correct`` means ``prompt.answer`` appears in it. The uncompressed row decodes from a plain
-    prefill of the same tokens.
-
-    Diagnostic columns: ``needle_kept`` is the share of (layer, KV head, needle token) entries kept, and
-    ``needle_heads_intact`` the share of (layer, KV head) pairs that kept the whole needle span.
-    """
-    items, budgets = _scorer_items(scorers), _budget_list(budgets)
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("give at least one needle prompt")
-    device = next(model.parameters()).device
-    inputs = [needle_inputs(tokenizer, p, chat_template=chat_template, answer_prefix=answer_prefix) for p in prompts]
-    lengths = [(x.context_ids.shape[1], x.context_ids.shape[1] + (x.question_ids.shape[1] if query_aware else 0))
-               for x in inputs]
-    _check_settings(items, budgets, lengths, head_mode, n_sink, recent_window, attention)
-    eos = _eos_ids(model, tokenizer)
-    rows = []
-    for k, (prompt, x) in enumerate(zip(prompts, inputs)):
-        context = x.context_ids.to(device)
-        question = x.question_ids.to(device)
-        prefix = None if x.answer_prefix_ids is None else x.answer_prefix_ids.to(device)
-        base = {"prompt": k, "depth": prompt.depth, "context_len": context.shape[1], "needle_start": x.needle_span[0],
-                "needle_stop": x.needle_span[1], "answer": prompt.answer, "query_aware": query_aware}
-
-        def row(label, budget, compressed, feed, mode) -> dict:
-            tokens = greedy_tokens(model, compressed, feed, max_new_tokens, eos)
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            kept = compressed.span_kept(*x.needle_span)
-            return {**base, "scorer": label, "budget": budget, "budget_tokens": compressed.budget_tokens,
-                    "budget_ratio": compressed.budget_ratio, "head_mode": mode, "generated": text,
-                    "n_generated": len(tokens), "correct": prompt.answer in text,
-                    "needle_kept": float(kept.mean()), "needle_heads_intact": float((kept == 1).float().mean())}
-
-        rows.append(row(BASELINE, 1.0, full_prefill(model, context, question), prefix, None))
-        for label, scorer in items:
-            for budget in budgets:
-                compressed = compress_prefill(
-                    model, context, scorer, budget, question_ids=question if query_aware else None,
-                    query_aware=query_aware, head_mode=head_mode, n_sink=n_sink, recent_window=recent_window,
-                    attention=attention, generator=generator, tokenizer=tokenizer)
-                rows.append(row(label, budget, compressed, prefix if query_aware else _cat(question, prefix),
-                                head_mode))
-    return pd.DataFrame(rows)
-
-
 def area_under_budget_curve(df: pd.DataFrame, metric: str, *, x: str = "budget", by: str = "scorer",
                             baseline: str = BASELINE, full_x: float | None = 1.0) -> pd.DataFrame:
     """Area under ``metric`` vs ``x`` for each ``by`` group (rows first averaged per budget, e.g. over prompts), as
@@ -316,15 +309,16 @@ def area_under_budget_curve(df: pd.DataFrame, metric: str, *, x: str = "budget",
 
     The uncompressed model is the first row, its area the flat value of its rows. With ``full_x`` (default 1.0, a
     ratio budget of 1, where every scorer equals the uncompressed model), a curve with no point there is closed with
-    the uncompressed value; pass ``full_x=None`` for token-count budgets or to keep the curves open. Columns:
-    ``by``, metric, auc, n_budgets, x_min, x_max.
+    the uncompressed value; pass ``full_x=None`` for token-count budgets or to keep the curves open. Rows whose
+    metric is NaN (an oracle that does not fit its budget) are left out. Columns: ``by``, metric, auc, n_budgets,
+    x_min, x_max.
     """
     if metric not in df.columns:
         raise ValueError(f"metric {metric!r} is not a column; choose from {list(df.columns)}")
     for col in (x, by):
         if col not in df.columns:
             raise ValueError(f"column {col!r} is missing; the table has {list(df.columns)}")
-    values = df.assign(_y=df[metric].astype(float), _x=df[x].astype(float))
+    values = df.assign(_y=df[metric].astype(float), _x=df[x].astype(float)).dropna(subset=["_y"])
     base_rows = values[values[by] == baseline]
     base = float(base_rows["_y"].mean()) if len(base_rows) else None
     rows = []

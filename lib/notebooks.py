@@ -4,12 +4,14 @@ nbval compares against."""
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 from typing import Any
 
 import nbformat
 
 from .paths import notebooks_dir
+from .reproduction import WRITE_ENV
 
 #: names a parameters cell may hold that are not experiment parameters
 RUNNER_NAMES = {"output_dir"}
@@ -69,15 +71,24 @@ def sync_parameters_cell(name: str) -> bool:
 def store_outputs(name: str, timeout_s: int = 1200) -> Path:
     """Execute ``notebooks/<name>.ipynb`` in place on its default parameters, keeping the outputs nbval checks.
 
-    The parameters cell is first regenerated from ``params/<name>.yaml``. Execution metadata (timings) is dropped so
-    the stored file changes only when results change.
+    The parameters cell is first regenerated from ``params/<name>.yaml``. The run's claim is stored beside the notebook
+    (``<name>.claims.json``, :mod:`salience.reproduction`): nbval's check compares with it. Execution metadata
+    (timings) is dropped so the stored file changes only when results change.
     """
     import papermill as pm
 
     sync_parameters_cell(name)
     path = notebook_path(name)
-    pm.execute_notebook(str(path), str(path), kernel_name="python3", cwd=str(path.parent), progress_bar=True,
-                        execution_timeout=timeout_s)
+    previous = os.environ.get(WRITE_ENV)
+    os.environ[WRITE_ENV] = "1"  # the checked cell writes notebooks/<name>.claims.json, the run nbval compares with
+    try:
+        pm.execute_notebook(str(path), str(path), kernel_name="python3", cwd=str(path.parent), progress_bar=True,
+                            execution_timeout=timeout_s)
+    finally:
+        if previous is None:
+            os.environ.pop(WRITE_ENV)
+        else:
+            os.environ[WRITE_ENV] = previous
     nb = nbformat.read(path, as_version=4)
     nb.metadata.pop("papermill", None)
     for cell in nb.cells:

@@ -18,9 +18,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from .evidence import Claim
 from .params import NotebookParams
 from .paths import REPO_ROOT, outputs_dir
+from .reproduction import check_reproduction
 
 #: environment variable the runner sets for ``salience run --threads N`` (torch's intra-op threads in the kernel)
 THREADS_ENV = "SALIENCE_THREADS"
@@ -116,6 +119,13 @@ class Run:
         atomic_write_text(self.output_dir / "claims.json", json.dumps(claim.to_dict(), indent=2))
         atomic_write_text(self.output_dir / "findings.md", self.findings)
         return self.findings
+
+    def reproduction(self) -> pd.DataFrame:
+        """Per part: n, verdict, and whether it reproduces the stored run (:mod:`salience.reproduction`); what a
+        notebook's nbval-checked cell displays. Call after :meth:`conclude`."""
+        if self.judged is None:
+            raise RuntimeError("call run.conclude(claim) before run.reproduction()")
+        return check_reproduction(self.judged, self.params.model_dump(mode="json"))
 
     def record(self) -> dict[str, Any]:
         return {

@@ -1,39 +1,31 @@
-"""Vision tasks for the token-reduction notebooks: digits as ViT inputs, frozen features, a linear probe, accuracy vs
-kept ratio, [CLS] cosine, latency, and overlays of kept / merged tokens on photos.
+"""Vision inputs and pictures for the token-reduction notebooks: digits and photos as ViT pixels, paired latency of
+reduced vs unreduced passes, and overlays of kept / merged tokens on photos.
 
-Protocol (issue 5): a logistic-regression probe is trained once on **unpruned** train features
-(``concat([CLS], mean of patches)``, DINOv2's linear-eval recipe); pruned test features go through the same probe.
-Reductions run through :mod:`salience.harness.vit_pruning`, prefix once per (batch, layer), suffix per configuration.
+How reductions are judged (readers, the two settings, the activation cache) is :mod:`salience.vision_eval`.
 
->>> train_x, train_y = digit_pixels("mnist", "train", n=400)
->>> table = accuracy_vs_keep(model, (train_x, train_y), digit_pixels("mnist", "test", n=200),
-...                          {"random": get_scorer("random")}, keeps=[0.25, 0.1], layers=[3, 6])
+>>> pixels, labels = digit_pixels("mnist", "test", n=8, size=112)       # 8x8 patches + [CLS]
+>>> fig, table = kept_token_figure(model, photos(["astronaut"]), {"cls": Reduction(get_scorer("cls_attention"), 0.1)},
+...                                layer=6)
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm  # text bars: stored notebooks stay readable without widgets
 
-from .harness.vit_pruning import (
-    METHODS,
-    check_keep,
-    check_layer,
-    check_method,
-    reduce_and_finish,
-    vit_forward,
-    vit_parts,
-    vit_prefix,
-)
+from .harness.token_merging import CONTEXTUAL, reduction_map
+from .harness.vit_encoder import ScoreRequest, encode
+from .harness.vit_model import check_keep, check_layer, check_method, vit_parts
+from .harness.vit_pruning import METHODS, reduce_and_finish, replicate_seed, vit_forward, vit_prefix
 from .models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 from .scorers.base import Scorer
+from .selection import resolve_budget
 
 DATASETS = ("mnist", "digits")
 #: Largest pixel value of each data set's uint8 images (sklearn's digits are counts 0..16).
@@ -125,232 +117,91 @@ def photo_pixels(image, size: int = 224, *, mean=IMAGENET_MEAN, std=IMAGENET_STD
     return to_pixels(load_image(image)[None], size, mean=mean, std=std)
 
 
-# --------------------------------------------------------------------------------------------------- features
+# ------------------------------------------------------------------------------------------------- reductions
 @dataclass(frozen=True)
 class Reduction:
-    """One reduction to apply after the prefix: ``scorer`` (None for ToMe), ``keep``, ``method``, extra options."""
+    """One in-encoder reduction: ``scorer`` (None for ToMe), ``keep``, ``method``, extra keyword arguments of
+    :func:`~salience.harness.vit_pruning.reduce_and_finish` in ``options`` (``contextual``,
+    ``proportional_attention``, ``stages``; a ``seed`` there replaces the caller's), and the ``replicate`` of a
+    stochastic scorer: every replicate (and every batch of it) draws with its own seed
+    (:func:`~salience.harness.vit_pruning.replicate_seed`)."""
 
     scorer: Scorer | None
     keep: float | int
     method: str = "drop"
     options: Mapping = field(default_factory=dict)
+    replicate: int = 0
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        check_keep(self.keep)
+        if self.method != "tome" and self.scorer is None:
+            raise ValueError(f"method {self.method!r} needs a scorer (tome needs none)")
+
+    def run(self, model, prefix, *, seed: int = 0, batch: int = 0):
+        """:func:`reduce_and_finish` on ``prefix`` with this reduction's seed for ``batch``."""
+        options = dict(self.options)
+        base = options.pop("seed", seed)
+        return reduce_and_finish(model, prefix, self.scorer, self.keep, self.method,
+                                 seed=replicate_seed(base, self.replicate, batch), **options)
 
 
-@dataclass
-class FeatureSet:
-    """Features of a whole image set under one reduction.
-
-    Attributes:
-        features: ``(N, F)`` probe features; cls: ``(N, d)`` final [CLS] (None without [CLS]);
-        tokens_per_layer: block input lengths (the same for every image); flops: estimated FLOPs per image;
-        seconds: wall seconds of the whole set (a shared prefix is counted in every configuration it served);
-        n_prefix: [CLS] + register tokens.
-    """
-
-    features: np.ndarray
-    cls: np.ndarray | None
-    tokens_per_layer: list[int]
-    flops: float
-    seconds: float
-    n_prefix: int = 1
-
-    @property
-    def kept_patches(self) -> int:
-        """Patch tokens entering the last block."""
-        return self.tokens_per_layer[-1] - self.n_prefix
-
-
-def _batches(n: int, batch_size: int):
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-
-
-def _collect(parts: list) -> FeatureSet:
-    feats = np.concatenate([p.features.float().numpy() for p in parts])
-    cls = None if parts[0].cls is None else np.concatenate([p.cls.float().numpy() for p in parts])
-    return FeatureSet(feats, cls, parts[0].tokens_per_layer, parts[0].flops,
-                      float(sum(p.total_seconds for p in parts)), parts[0].n_prefix)
-
-
-def _to_cpu(res):
-    res.cls = None if res.cls is None else res.cls.cpu()
-    res.patch_mean = res.patch_mean.cpu()
-    return res
-
-
-def unpruned_features(model, pixels: torch.Tensor, *, batch_size: int = 64,
-                      desc: str | None = "features") -> FeatureSet:
-    """Features of the unreduced model (same code path as the reduced ones)."""
-    device = next(model.parameters()).device
-    batches = tqdm(_batches(len(pixels), batch_size), desc=desc, disable=desc is None)
-    return _collect([_to_cpu(vit_forward(model, pixels[s].to(device))) for s in batches])
-
-
-def reduced_features(model, pixels: torch.Tensor, layer: int, reductions: Mapping[str, Reduction], *,
-                     batch_size: int = 64, seed: int = 0, desc: str | None = None) -> dict[str, FeatureSet]:
-    """Features under every reduction after block ``layer``; the prefix runs once per batch for all of them.
-
-    Every reduction is validated before any block runs. Stochastic scorers are seeded with ``seed + batch index``.
-    """
-    check_layer(layer, vit_parts(model).depth)
-    for name, r in reductions.items():
-        check_method(r.method)
-        check_keep(r.keep)
-        if r.method != "tome" and r.scorer is None:
-            raise ValueError(f"reduction {name!r}: method {r.method!r} needs a scorer")
-    device = next(model.parameters()).device
-    scorers = [r.scorer for r in reductions.values() if r.scorer is not None]
-    out: dict[str, list] = {name: [] for name in reductions}
-    for i, s in enumerate(tqdm(_batches(len(pixels), batch_size), desc=desc, disable=desc is None)):
-        prefix = vit_prefix(model, pixels[s].to(device), layer, needs=scorers)
-        for name, r in reductions.items():
-            res = reduce_and_finish(model, prefix, r.scorer, r.keep, r.method, seed=seed + i, **dict(r.options))
-            out[name].append(_to_cpu(res))
-    return {name: _collect(parts) for name, parts in out.items()}
-
-
-# ------------------------------------------------------------------------------------------------------- probe
-def train_probe(features: np.ndarray, labels: np.ndarray, *, seed: int = 0, C: float = 1.0, max_iter: int = 2000):
-    """Standardise + multinomial logistic regression (seeded), fitted on unpruned train features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if len(features) != len(labels):
-        raise ValueError(f"{len(features)} feature rows but {len(labels)} labels")
-    if C <= 0:
-        raise ValueError(f"C must be > 0, got {C}")
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed)).fit(
-        features, labels)
-
-
-def cls_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-row cosine similarity of two ``(N, d)`` arrays (e.g. pruned vs unpruned [CLS])."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    num = (a * b).sum(axis=1)
-    return num / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-
-
-def accuracy_vs_keep(model, train: tuple[torch.Tensor, np.ndarray], test: tuple[torch.Tensor, np.ndarray],
-                     scorers: Mapping[str, Scorer | None], keeps: Sequence[float], layers: Sequence[int], *,
-                     methods: Sequence[str] = ("drop",), batch_size: int = 64, seed: int = 0, probe_C: float = 1.0,
-                     options: Mapping[str, Mapping] | None = None) -> tuple[pd.DataFrame, object]:
-    """Probe accuracy and [CLS] cosine of reduced test features, per layer × scorer × method × keep.
-
-    The probe is trained once on unpruned train features. ``scorers`` maps a label to a scorer (None only for
-    ``"tome"``, which needs none; a ToMe entry ignores its scorer). ``options`` maps a method to extra keyword
-    arguments of :func:`reduce_and_finish` (e.g. ``{"visionzip": {"contextual": 0.2}}``).
-
-    Returns ``(table, probe)``; table columns: layer, scorer, method, keep, kept_patches, accuracy, accuracy_se
-    (binomial standard error, sqrt(p(1-p)/n)), accuracy_cls (a second probe trained on unpruned [CLS] alone, which
-    does not see the shift of the patch mean; NaN without [CLS]), cls_cosine (mean over test images), flops (per
-    image), flops_ratio (vs unpruned), seconds (whole test set: prefix + reduction + suffix; a shared prefix is
-    counted in every row), n_test.
-    The first row is the unpruned reference (layer 0, scorer "unpruned", method "none", keep 1).
-    """
-    for k in keeps:
-        check_keep(float(k))
-    for m in methods:
-        check_method(m)
-    depth = vit_parts(model).depth
-    for layer in layers:
-        check_layer(layer, depth)
-    for name, s in scorers.items():
-        if s is None and any(m != "tome" for m in methods):
-            raise ValueError(f"scorer {name!r} is None: only method 'tome' runs without a scorer")
-    train_x, train_y = train
-    test_x, test_y = test
-    ref_train = unpruned_features(model, train_x, batch_size=batch_size, desc="unpruned train features")
-    probe = train_probe(ref_train.features, train_y, seed=seed, C=probe_C)
-    # a second probe on [CLS] alone: the patch mean shifts when patches go, [CLS] is what the model itself pools
-    cls_probe = None if ref_train.cls is None else train_probe(ref_train.cls, train_y, seed=seed, C=probe_C)
-    ref = unpruned_features(model, test_x, batch_size=batch_size, desc="unpruned test features")
-
-    def row(fs: FeatureSet, **keys) -> dict:
-        return dict(keys, kept_patches=fs.kept_patches, accuracy=float(probe.score(fs.features, test_y)),
-                    accuracy_cls=float(cls_probe.score(fs.cls, test_y)) if cls_probe is not None else np.nan,
-                    cls_cosine=float(cls_cosine(fs.cls, ref.cls).mean()) if fs.cls is not None else np.nan,
-                    flops=fs.flops, flops_ratio=fs.flops / ref.flops, seconds=fs.seconds)
-
-    rows = [row(ref, layer=0, scorer="unpruned", method="none", keep=1.0)]
-    options = options or {}
-    for layer in layers:
-        reductions = {}
-        for m in methods:
-            names = ["tome"] if m == "tome" else list(scorers)
-            for name in names:
-                for k in keeps:
-                    reductions[(layer, name, m, float(k))] = Reduction(None if m == "tome" else scorers[name],
-                                                                       float(k), m, options.get(m, {}))
-        feats = reduced_features(model, test_x, layer, reductions, batch_size=batch_size, seed=seed,
-                                 desc=f"layer {layer}: {len(reductions)} reductions")
-        for (lay, name, m, k), fs in feats.items():
-            rows.append(row(fs, layer=lay, scorer=name, method=m, keep=k))
-    table = pd.DataFrame(rows)
-    table["n_test"] = len(test_y)
-    table.insert(6, "accuracy_se", np.sqrt(table.accuracy * (1 - table.accuracy) / len(test_y)))
-    return table, probe
-
-
-def plot_accuracy_vs_keep(table: pd.DataFrame, hue: str = "scorer", title: str | None = None):
-    """Probe accuracy (top) and [CLS] cosine to the unpruned model (bottom) vs kept share, one column per layer.
-
-    ``table`` as returned by :func:`accuracy_vs_keep`; the unpruned accuracy is the dashed line.
-    """
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    ref = table[table.scorer == "unpruned"]
-    data = table[table.scorer != "unpruned"].copy()
-    data["label"] = data[hue] if hue != "scorer+method" else data.scorer + " / " + data.method
-    layers = sorted(data.layer.unique())
-    fig, axes = plt.subplots(2, len(layers), figsize=(3.4 * len(layers), 5.6), squeeze=False, sharex=True)
-    for j, layer in enumerate(layers):
-        d = data[data.layer == layer]
-        for i, (metric, label) in enumerate((("accuracy", "probe accuracy"), ("cls_cosine", "[CLS] cosine"))):
-            ax = axes[i, j]
-            sns.lineplot(d, x="keep", y=metric, hue="label", marker="o", ax=ax,
-                         legend=(i == 0 and j == len(layers) - 1))
-            if metric == "accuracy" and len(ref):
-                ax.axhline(float(ref.accuracy.iloc[0]), color="grey", ls="--", lw=1)
-            ax.set_xscale("log")
-            ax.set(xlabel="kept share of patches", ylabel=label if j == 0 else "",
-                   title=f"reduce after layer {layer}" if i == 0 else "")
-    if axes[0, -1].get_legend() is not None:
-        sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1, 1), frameon=False, title=None)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-# ------------------------------------------------------------------------------------------------------ latency
+# ---------------------------------------------------------------------------------------------------- latency
 @torch.inference_mode()
-def measure_latency(model, pixels: torch.Tensor, reduction: Reduction | None, layer: int = 1, *, repeats: int = 5,
-                    warmup: int = 1) -> dict[str, float]:
-    """Median wall seconds of the whole forward pass (prefix + scoring + reduction + suffix) over ``repeats`` runs.
+def paired_latency(model, pixels: torch.Tensor, reductions: Mapping[str, Reduction], layer: int, *,
+                   repeats: int = 5, inner: int = 3, warmup: int = 1, threads: int | None = 1) -> pd.DataFrame:
+    """Wall and CPU seconds of the whole forward pass (prefix + scoring + reduction + suffix): the unreduced pass
+    (config ``unreduced``) and every reduction on the same batch within each repeat, so each repeat is a paired unit.
 
-    ``reduction`` None times the unreduced model through the same code path. Returns ``{"seconds", "min_seconds",
-    "flops", "tokens_last_layer"}``. Timings on a shared CPU are noisy: compare medians of the same session.
+    Within a repeat every configuration runs ``inner`` times, interleaved in an order rotated from repeat to repeat,
+    and its fastest run (least process time) counts: a load spike slows a run, it never speeds one up. On the CPU the runs use
+    ``threads`` torch threads (None: as set): with one thread the process time is the work itself, not the time
+    other threads spin while the machine is busy. Returns one row per (repeat, config): repeat, config, method,
+    keep, seconds (wall), cpu_seconds (process time), both of the fastest run, flops (per image, estimated),
+    tokens_last_layer.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    times, res = [], None
+    if repeats < 2 or inner < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 2 (a paired interval needs two units), inner >= 1 and warmup >= 0, "
+                         f"got {repeats}, {inner}, {warmup}")
+    check_layer(layer, vit_parts(model).depth)
+    before = torch.get_num_threads()
+    if threads is not None and not pixels.is_cuda:
+        torch.set_num_threads(threads)
+    try:
+        return _timed_runs(model, pixels, {"unreduced": None, **reductions}, layer, repeats, inner, warmup)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _timed_runs(model, pixels, configs, layer, repeats, inner, warmup) -> pd.DataFrame:
+    names = list(configs)
+    rows = []
     for i in range(warmup + repeats):
-        start = time.perf_counter()
-        if reduction is None:
-            res = vit_forward(model, pixels)
-        else:
-            prefix = vit_prefix(model, pixels, layer, needs=[reduction.scorer] if reduction.scorer else None)
-            res = reduce_and_finish(model, prefix, reduction.scorer, reduction.keep, reduction.method,
-                                    **dict(reduction.options))
-        if pixels.is_cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return dict(seconds=float(np.median(times)), min_seconds=float(np.min(times)), flops=res.flops,
-                tokens_last_layer=res.tokens_per_layer[-1])
+        shift = i % len(names)
+        best: dict[str, tuple[float, float, object]] = {}
+        for _ in range(inner):
+            for name in names[shift:] + names[:shift]:
+                r = configs[name]
+                wall, cpu = time.perf_counter(), time.process_time()
+                if r is None:
+                    res = vit_forward(model, pixels)
+                else:
+                    prefix = vit_prefix(model, pixels, layer, needs=[r.scorer] if r.scorer else None)
+                    res = r.run(model, prefix, batch=i)
+                if pixels.is_cuda:
+                    torch.cuda.synchronize()
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                if name not in best or cpu < best[name][1]:
+                    best[name] = (wall, cpu, res)
+        if i < warmup:
+            continue
+        for name in names:
+            wall, cpu, res = best[name]
+            r = configs[name]
+            rows.append(dict(repeat=i - warmup, config=name, method="none" if r is None else r.method,
+                             keep=1.0 if r is None else float(r.keep), seconds=wall, cpu_seconds=cpu,
+                             flops=res.flops, tokens_last_layer=res.tokens_per_layer[-1]))
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------------------------------- overlays
@@ -387,12 +238,35 @@ def overlay_tokens(ax, image: np.ndarray, assignment: np.ndarray, grid: tuple[in
         ax.set_title(title, fontsize=9)
 
 
-def kept_token_figure(model, images: Mapping[str, np.ndarray], reductions: Mapping[str, Reduction], layer: int, *,
-                      size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed: int = 0):
+@torch.inference_mode()
+def _after_encoder_groups(model, pixels, reductions: Mapping[str, Reduction], seed: int) -> tuple[dict, int]:
+    """``{name: (assignment (B, N), kept_positions (B, n), tokens)}`` when the encoder's output tokens are reduced,
+    and the number of [CLS] + register tokens."""
+    depth = vit_parts(model).depth
+    requests = {name: ScoreRequest(r.scorer, depth, seed=replicate_seed(seed, r.replicate))
+                for name, r in reductions.items() if r.scorer is not None}
+    out = encode(model, pixels, scores=requests, key_layers=[depth])
+    b, k = out.tokens.shape[:2]
+    positions = torch.arange(k, device=out.tokens.device).expand(b, k)
+    protected = positions < out.n_prefix
+    groups = {}
+    for name, r in reductions.items():
+        budget = resolve_budget(r.keep, k - out.n_prefix)
+        contextual = dict(r.options).get("contextual", CONTEXTUAL)
+        dest, survives = reduction_map(r.method, budget, protected, scores=out.scores.get(name),
+                                       metric=out.keys[depth], contextual=contextual)
+        groups[name] = (dest[:, out.n_prefix:], positions[survives].view(b, -1), out.n_prefix + budget)
+    return groups, out.n_prefix
+
+
+def kept_token_figure(model, images: Mapping[str, np.ndarray], reductions: Mapping[str, Reduction],
+                      layer: int | None = None, *, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                      seed: int = 0):
     """Rows: photos; columns: reductions. Dropped patches dimmed (drop) or groups coloured (merge methods).
 
-    Returns ``(figure, table)``; the table lists per photo and reduction the kept original patch indices (drop) or
-    the number of groups (merge), so the figure's content can be checked as numbers.
+    ``layer`` None reduces the encoder's output tokens (after-encoder: scorers read the last block); an int reduces
+    after that block (in-encoder). Returns ``(figure, table)``; the table lists per photo and reduction the tokens
+    left, the kept original patch indices and the number of merged groups, so the figure can be checked as numbers.
     """
     import matplotlib.pyplot as plt
 
@@ -400,25 +274,31 @@ def kept_token_figure(model, images: Mapping[str, np.ndarray], reductions: Mappi
         raise ValueError("need at least one image and one reduction")
     pixels = torch.cat([photo_pixels(img, size, mean=mean, std=std) for img in images.values()])
     device = next(model.parameters()).device
-    feats = {}
-    prefix = vit_prefix(model, pixels.to(device), layer, needs=[r.scorer for r in reductions.values() if r.scorer])
-    for name, r in reductions.items():
-        feats[name] = reduce_and_finish(model, prefix, r.scorer, r.keep, r.method, seed=seed, **dict(r.options))
+    grid = (size // vit_parts(model).patch_size,) * 2
+    if layer is None:
+        groups, n_prefix = _after_encoder_groups(model, pixels.to(device), reductions, seed)
+    else:
+        prefix = vit_prefix(model, pixels.to(device), layer, needs=[r.scorer for r in reductions.values() if r.scorer])
+        groups, n_prefix = {}, prefix.n_prefix
+        for name, r in reductions.items():
+            res = r.run(model, prefix, seed=seed)
+            groups[name] = (res.assignment, res.kept_positions, int(res.tokens_per_layer[-1]))
     fig, axes = plt.subplots(len(images), len(reductions), figsize=(2.1 * len(reductions), 2.2 * len(images)),
                              squeeze=False)
     rows = []
     for i, (photo, img) in enumerate(images.items()):
         for j, (name, r) in enumerate(reductions.items()):
-            res = feats[name]
-            overlay_tokens(axes[i, j], img, res.assignment[i].cpu().numpy(), prefix.grid, merged=r.method != "drop",
+            assignment, kept_positions, tokens = groups[name]
+            assignment = assignment[i].cpu().numpy()
+            overlay_tokens(axes[i, j], img, assignment, grid, merged=r.method != "drop",
                            title=name if i == 0 else None)
             if j == 0:
                 axes[i, j].set_ylabel(photo, fontsize=9)
-            kept = (res.kept_positions[i] - prefix.n_prefix).cpu().numpy()
-            groups = np.unique(res.assignment[i].cpu().numpy(), return_counts=True)[1]
-            rows.append(dict(photo=photo, reduction=name, method=r.method, tokens=int(res.tokens_per_layer[-1]),
-                             merged_groups=int((groups > 1).sum()) if r.method != "drop" else 0,
-                             kept_patches=" ".join(str(int(k)) for k in kept[kept >= 0])))
+            kept = kept_positions[i].cpu().numpy() - n_prefix
+            sizes = np.unique(assignment[assignment >= 0], return_counts=True)[1]
+            rows.append(dict(photo=photo, reduction=name, method=r.method, tokens=tokens,
+                             merged_groups=int((sizes > 1).sum()),
+                             kept_patches=" ".join(str(int(x)) for x in kept[kept >= 0])))
     fig.tight_layout()
     return fig, pd.DataFrame(rows)
 
@@ -426,20 +306,13 @@ def kept_token_figure(model, images: Mapping[str, np.ndarray], reductions: Mappi
 __all__ = [
     "DATASETS",
     "METHODS",
-    "FeatureSet",
     "Reduction",
-    "accuracy_vs_keep",
     "check_size",
-    "cls_cosine",
     "digit_pixels",
     "kept_token_figure",
     "load_image",
-    "measure_latency",
     "overlay_tokens",
-    "plot_accuracy_vs_keep",
+    "paired_latency",
     "photo_pixels",
-    "reduced_features",
     "to_pixels",
-    "train_probe",
-    "unpruned_features",
 ]

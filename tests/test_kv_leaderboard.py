@@ -1,172 +1,198 @@
-"""kv-leaderboard's pieces (and kv-normalized-attention's probe-fidelity helpers) on tiny hand-made inputs."""
+"""kv-leaderboard's pieces on tiny hand-made inputs: parameters and roles, areas over solvable cells only, the board,
+and a claim whose verdict follows the numbers (each case can fail)."""
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from scipy.stats import spearmanr
 
+from salience import kv_tasks
+from salience.kv_passkey import solvability_table
 from salience.experiments import kv_leaderboard as lb
-from salience.experiments import kv_normalized_attention as kvn
 from salience.params import ParamsError, validate_params
-from salience.scorers import AttentionView, available_scorers, get_scorer
+from salience.scorers import get_scorer
+
+ATTENTION = ["H2O", "ZipCache", "ZipCache probes", "A2SF", "TOVA", "SnapKV", "Keyformer", "VATP", "CAOTE",
+             "attention PageRank"]
 
 
-def test_every_family_a_scorer_is_registered_and_built_with_the_notebook_settings():
-    params = lb.Params()
-    assert set(lb.KV_SCORERS) <= set(available_scorers())
-    assert lb.make_scorer("snapkv", params).window == params.observation_window
-    assert lb.make_scorer("caote", params).window == params.observation_window
-    assert lb.make_scorer("attention_pagerank", params).damping == params.pagerank_damping
-    assert lb.make_scorer("normalized_attention_probe", params).probe_fraction == params.probe_fraction
-    # the claim's rule: attention-based = reads attention or its mass
-    assert not lb.attention_based(get_scorer("random")) and not lb.attention_based(get_scorer("sepllm"))
-    assert lb.attention_based(get_scorer("vatp")) and lb.attention_based(get_scorer("attention_pagerank"))
+@pytest.fixture(scope="module")
+def params():
+    return lb.Params.defaults()
 
 
-def test_every_family_a_scorer_runs_on_the_causal_kv_view():
-    cov = lb.registry_coverage(lb.Params()).set_index("scorer")
-    assert cov.loc[list(lb.KV_SCORERS), "runs_on_kv_view"].all()
-    assert cov.loc[list(lb.KV_SCORERS), "in_leaderboard"].all()
+def test_roles_follow_the_scorers_needs(params):
+    assert lb.attention_based_labels(params) == ATTENTION
+    roles = lb.scorer_table(params).set_index("label").role
+    assert roles["random"] == roles["StreamingLLM"] == "control"
+    assert roles["KnormPress"] == roles["SepLLM"] == "other (attention-free)"
+    assert roles["attention PageRank"] == "centrality"
+    # the rule lives in Scorer.attention_free: attention or key mass read → attention-based
+    assert get_scorer("random").attention_free and get_scorer("sepllm").attention_free
+    assert not get_scorer("vatp").attention_free and not get_scorer("attention_pagerank").attention_free
+    settings = lb.scorer_table(params).set_index("label").settings
+    assert settings["SnapKV"] == "window=8, kernel_size=5" and settings["TOVA"] == "—"
+
+
+def test_every_entry_runs_on_the_causal_kv_view(params):
+    cov = lb.registry_coverage(params).set_index("scorer")
+    names = [s.name for s in params.scorers]
+    assert cov.loc[names, "runs_on_kv_view"].all() and cov.loc[names, "in_leaderboard"].all()
     if "cls_attention" in cov.index:  # a vision scorer: no [CLS] in a decoder's view
         assert not cov.loc["cls_attention", "runs_on_kv_view"] and "cls" in cov.loc["cls_attention", "error"]
 
 
-@pytest.mark.parametrize("task", ["continuation", "needle"])
-def test_kv_tasks_hand_the_tokenizer_to_the_harness(monkeypatch, task):
-    """SepLLM's separator role is built by compress_prefill from the tokenizer; the task helpers must pass it on."""
-    import salience.kv_tasks as kv_tasks
-
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_compress(*args, **kwargs):
-        seen.update(kwargs)
-        raise Stop
-
-    monkeypatch.setattr(kv_tasks, "compress_prefill", fake_compress)
-    ids = torch.arange(12)[None]
-
-    class Model(torch.nn.Module):  # logits of zeros: the uncompressed reference row needs a forward pass
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def forward(self, x, **kwargs):
-            return type("Out", (), {"logits": torch.zeros(1, x.shape[1], 5)})()
-
-    class Tokenizer:
-        eos_token_id = 0
-
-        def decode(self, tokens, **kwargs):
-            return ""
-
-    tokenizer = Tokenizer()
-    with pytest.raises(Stop):
-        if task == "continuation":
-            kv_tasks.continuation_metrics(Model(), ids, torch.arange(3)[None], "sepllm", [0.5], tokenizer=tokenizer)
-        else:
-            monkeypatch.setattr(kv_tasks, "needle_inputs", lambda *a, **k: kv_tasks.NeedleInputs(
-                context_ids=ids, question_ids=ids[:, :2], answer_prefix_ids=None, needle_span=(2, 4)))
-            full = type("Full", (), {"span_kept": lambda self, a, b: torch.ones(1), "budget_tokens": 12,
-                                     "budget_ratio": 1.0})()
-            monkeypatch.setattr(kv_tasks, "full_prefill", lambda *a, **k: full)
-            monkeypatch.setattr(kv_tasks, "greedy_tokens", lambda *a, **k: [])
-            monkeypatch.setattr(kv_tasks, "_eos_ids", lambda *a, **k: set())
-            prompt = type("Prompt", (), {"depth": 0.5, "answer": "1"})()
-            kv_tasks.needle_accuracy(Model(), tokenizer, [prompt], "sepllm", [0.5])
-    assert seen["tokenizer"] is tokenizer
+def _values(**overrides):
+    values = dict(lb.Params.defaults().model_dump(mode="json"))
+    values.update(overrides)
+    return values
 
 
-@pytest.mark.parametrize("values,needle", [
+@pytest.mark.parametrize("overrides,needle", [
     ({"budgets": [0.25, 1.0]}, "every budget must be a ratio in (0, 1)"),
-    ({"scorers": ["random", "cls_attention"]}, "'random', 'recency'"),
-    ({"scorers": ["random", "random"]}, "scorers must be unique"),
-    ({"n_sink": 20, "recent_window": 8}, "must hold n_sink + recent_window = 28"),
-    ({"observation_window": 100}, "observation_window must lie in [1, 64]"),
-    ({"snapkv_kernel": 4}, "snapkv_kernel must be odd"),
+    ({"controls": ["random", "recency"]}, "controls ['recency'] must be labels in `scorers`"),
+    ({"centrality": "random"}, "centrality must not be a control"),
+    ({"centrality": "KnormPress"}, "must be an attention-based scorer"),
+    ({"recent_window": 4}, "recent_window (4) must be >= the window of ['SnapKV', 'CAOTE']"),
+    ({"n_sink": 24}, "must hold n_sink + recent_window = 32"),
+    ({"parts": {"pagerank_competitive": {"direction": "no_worse", "smallest_effect": 0.01}}},
+     "claim parts in the parameters must be exactly"),
+    ({"scorers": ["random", {"name": "snapkv", "widow": 8}]}, "has no field(s) ['widow']"),
 ])
-def test_bad_parameters_fail_in_one_line(values, needle):
+def test_bad_parameters_fail_in_one_line(overrides, needle):
     with pytest.raises(ParamsError) as err:
-        validate_params(lb.Params, values, "params/x.yaml")
+        validate_params(lb.Params, _values(**overrides), "params/x.yaml")
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
-def _areas(kl: dict[str, list[float]]) -> pd.DataFrame:
-    """Areas where every metric orders scorers like ``kl`` (lower KL, lower log-ppl, higher passkey accuracy)."""
+class SeparatorTokenizer:
+    """Decodes id 5 as '.', everything else as a word: enough for SepLLM's separator role."""
+
+    def decode(self, ids, **kwargs):
+        return "".join("." if i == 5 else f" w{i}" for i in ids)
+
+
+def test_tasks_build_sepllm_roles_from_the_tokenizer(tiny_llama):
+    ids = torch.randint(0, 32, (1, 30), generator=torch.Generator().manual_seed(2))
+    pair = [(ids[:, :24], ids[:, 24:])]
+    with pytest.raises(ValueError, match="pass tokenizer= to build"):
+        kv_tasks.continuation_runs(tiny_llama, pair, "sepllm", [0.5], progress=False)
+    df = kv_tasks.continuation_runs(tiny_llama, pair, "sepllm", [0.5], tokenizer=SeparatorTokenizer(),
+                                    progress=False)
+    assert list(df.scorer) == ["uncompressed", "oracle", "sepllm"]
+
+
+# ---------------------------------------------------------------- areas, board and claim on hand-made numbers
+
+UNITS = 16
+
+
+def _areas(kl: dict[str, np.ndarray], logprob: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """Per-unit areas: continuation KL (and, if given, passkey log-prob in both modes)."""
     rows = []
     for scorer, values in kl.items():
         for unit, v in enumerate(values):
-            rows += [dict(scorer=scorer, task="continuation", unit=unit, metric="kl_auc", auc=v),
-                     dict(scorer=scorer, task="continuation", unit=unit, metric="log_ppl_auc", auc=3 + v),
-                     dict(scorer=scorer, task="passkey", unit=unit, metric="needle_auc", auc=1 - v),
-                     dict(scorer=scorer, task="passkey", unit=unit, metric="needle_kept_auc", auc=1 - v)]
+            rows += [dict(scorer=scorer, task=lb.CONTINUATION, unit=unit, metric="kl_auc", auc=v),
+                     dict(scorer=scorer, task=lb.CONTINUATION, unit=unit, metric="log_ppl_auc", auc=3 + v)]
+    for scorer, values in (logprob or {}).items():
+        for task in lb.PASSKEY.values():
+            rows += [dict(scorer=scorer, task=task, unit=u, metric="logprob_auc", auc=v) for u, v in enumerate(values)]
     return pd.DataFrame(rows)
 
 
-def test_leaderboard_means_spread_and_ranks_by_hand():
-    areas = _areas({"uncompressed": [0.0, 0.0], "random": [0.4, 0.6], "recency": [0.3, 0.3],
-                    "snapkv": [0.1, 0.3], "attention_pagerank": [0.2, 0.2]})
-    board = lb.leaderboard(areas, lb.Params()).set_index("scorer")
-    assert list(board.index) == ["uncompressed", "attention_pagerank", "snapkv", "recency", "random"]
-    assert board.loc["random", "kl_auc"] == pytest.approx(0.5)
-    assert board.loc["random", "kl_auc_std"] == pytest.approx(np.std([0.4, 0.6], ddof=1))
-    # pagerank and snapkv tie on every mean (0.2): rank 1.5 each; recency 3, random 4; uncompressed is not ranked
-    assert board.loc["snapkv", "mean_rank"] == pytest.approx(1.5)
-    assert board.loc["random", "mean_rank"] == pytest.approx(4.0)
-    assert np.isnan(board.loc["uncompressed", "mean_rank"])
-    label, summary, findings = lb.verdict(board.reset_index(), areas, lb.Params())
-    assert label == "supported" and "2/2 attention-based" in summary and "Verdict: supported" in findings
+def _kl(attention: float, random: float, recency: float, pagerank: float, noise: float = 0.002, seed: int = 0):
+    """KL areas per unit: each attention-based entry around ``attention``, PageRank around ``pagerank``."""
+    rng = np.random.default_rng(seed)
+    draw = lambda mean: mean + noise * rng.standard_normal(UNITS)  # noqa: E731
+    kl = {"uncompressed": np.zeros(UNITS), "oracle": draw(0.005), "random": draw(random),
+          "StreamingLLM": draw(recency), "KnormPress": draw(0.08), "SepLLM": draw(0.05)}
+    kl.update({label: draw(attention) for label in ATTENTION if label != "attention PageRank"})
+    kl["attention PageRank"] = draw(pagerank)
+    return kl
 
 
-def test_verdict_fails_when_the_controls_win():
-    areas = _areas({"uncompressed": [0.0], "random": [0.1], "recency": [0.05], "snapkv": [0.3],
-                    "tova": [0.2], "attention_pagerank": [0.4]})
-    board = lb.leaderboard(areas, lb.Params())
-    label, summary, findings = lb.verdict(board, areas, lb.Params())
-    assert label == "not supported" and "0/3 attention-based" in summary
-    assert "rank 3 of 3" in findings
+def _cells(solvable: bool) -> pd.DataFrame:
+    return pd.DataFrame([dict(mode=m, budget=0.25, oracle_fits=True, oracle_accuracy=1.0 if solvable else 0.5,
+                              oracle_logprob=-0.1, uncompressed_accuracy=1.0, n_prompts=UNITS, solvable=solvable)
+                         for m in lb.PASSKEY])
 
 
-def test_rowwise_spearman_equals_scipy():
-    rng = np.random.default_rng(0)
-    a = rng.random((4, 30))
-    b = a + rng.random((4, 30))
-    b[1, :5] = b[1, 5]  # ties get average ranks, as in scipy
-    expected = [spearmanr(a[i], b[i]).statistic for i in range(4)]
-    assert np.allclose(kvn.rowwise_spearman(a, b), expected)
+def _verdicts(claim) -> dict[str, str]:
+    return {p.id: p.verdict for p in claim.parts}
 
 
-def test_topk_overlap_by_hand():
-    ref = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
-    other = torch.tensor([[4.0, 1.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
-    # head 0: ref keeps {0, 1}, other keeps {0, 2} → 1/2; head 1 identical → 1
-    assert np.allclose(kvn._overlap(ref, other, 2), [0.5, 1.0])
-    assert np.isnan(kvn._overlap(ref, other, 0)).all()
+def test_claim_supported_when_attention_wins_everywhere(params):
+    logprob = {label: np.full(UNITS, -0.5) + 0.01 * np.arange(UNITS) for label in ATTENTION}
+    logprob.update({"random": np.full(UNITS, -2.0), "StreamingLLM": np.full(UNITS, -1.5) + 0.02 * np.arange(UNITS)})
+    areas = _areas(_kl(attention=0.02, random=0.06, recency=0.04, pagerank=0.021), logprob)
+    claim = lb.judge_claim(areas, _cells(True), params)
+    assert set(_verdicts(claim).values()) == {"supported"} and claim.label == "supported"
+    part = claim.parts[0]
+    assert part.n == UNITS and "against StreamingLLM, the better control" in part.detail
 
 
-def test_fidelity_summary_joins_cost_and_agreement():
-    fidelity = pd.DataFrame([
-        dict(doc=0, layer=0, head=h, variant="probe@0.5", reference="normalized_attention", probe_fraction=0.5,
-             spearman=s, **{"overlap@0.25": o}) for h, (s, o) in enumerate([(0.8, 0.5), (0.6, 1.0)])
-    ] + [dict(doc=0, layer=0, head=0, variant="keyformer", reference="accumulated_attention", probe_fraction=np.nan,
-              spearman=0.9, **{"overlap@0.25": 0.75})])
-    cost = pd.DataFrame([dict(doc=0, layer=0, probe_fraction=0.5, queries_used=5, queries_total=10, query_share=0.5,
-                              entry_share=0.7)])
-    out = kvn.fidelity_summary(fidelity, cost).set_index("variant")
-    assert out.loc["probe@0.5", "spearman"] == pytest.approx(0.7)
-    assert out.loc["probe@0.5", "overlap@0.25"] == pytest.approx(0.75)
-    assert out.loc["probe@0.5", "entry_share"] == pytest.approx(0.7)
-    assert out.loc["keyformer", "query_share"] == 1.0
+def test_claim_contradicted_when_the_controls_win(params):
+    areas = _areas(_kl(attention=0.05, random=0.06, recency=0.02, pagerank=0.08))
+    claim = lb.judge_claim(areas, _cells(False), params)
+    verdicts = _verdicts(claim)
+    assert verdicts["attention_beats_controls_continuation"] == "contradicted"
+    assert verdicts["pagerank_competitive"] == "contradicted"  # 0.03 worse than the median, δ is 0.005
+    # no solvable passkey cell: those parts cannot be judged
+    assert verdicts["attention_beats_controls_passkey_agnostic"] == "inconclusive"
+    assert claim.parts[1].n == 0 and "no solvable" in claim.parts[1].detail
+    assert claim.label == "contradicted"
 
 
-def test_normalized_attention_params_check_the_continuation_split():
-    with pytest.raises(ParamsError, match="continuation_tokens must lie in"):
-        validate_params(kvn.Params, {"context_tokens": 256, "continuation_tokens": 200}, "params/x.yaml")
-    with pytest.raises(ParamsError, match="every probe fraction must lie in"):
-        validate_params(kvn.Params, {"probe_fractions": [0.0]}, "params/x.yaml")
-    params = validate_params(kvn.Params, {"keyformer_tau": 2.0, "probe_fraction": 0.3})
-    assert kvn.make_scorer("keyformer", params).tau == 2.0
-    assert kvn.make_scorer("normalized_attention_probe", params, 0.05).probe_fraction == 0.05
+def test_claim_inconclusive_on_a_tie_and_pagerank_within_delta(params):
+    kl = _kl(attention=0.03, random=0.06, recency=0.03, pagerank=0.033, noise=0.004)
+    family = np.mean([kl[label] for label in ATTENTION], axis=0)
+    kl["StreamingLLM"] = family + 0.004 * np.resize([1.0, -1.0], UNITS)  # the same mean, unit by unit noise
+    areas = _areas(kl)
+    verdicts = _verdicts(lb.judge_claim(areas, _cells(False), params))
+    assert verdicts["attention_beats_controls_continuation"] == "inconclusive"  # a tie is no support
+    assert verdicts["pagerank_competitive"] == "supported"  # 0.003 worse, inside δ = 0.005
+
+
+def test_better_control_depends_on_the_metric_orientation():
+    wide = pd.DataFrame({"a": [0.1, 0.2], "b": [0.3, 0.4]})
+    assert lb.better_control(wide, ["a", "b"], lb.KL_AUC) == "a"
+    assert lb.better_control(wide, ["a", "b"], lb.LOGPROB_AUC) == "b"
+
+
+def test_board_puts_the_reference_rows_first_with_intervals(params):
+    areas = _areas(_kl(attention=0.02, random=0.06, recency=0.04, pagerank=0.021))
+    board = lb.leaderboard(areas, params)
+    assert list(board.scorer[:2]) == ["uncompressed", "oracle"]
+    assert list(board.kl_auc[2:]) == sorted(board.kl_auc[2:])
+    assert len(board) == 2 + len(params.scorers)
+    inside = (board.kl_auc_lo <= board.kl_auc) & (board.kl_auc <= board.kl_auc_hi)
+    assert inside.all() and board.logprob_auc_agnostic.isna().all()  # no passkey areas given
+
+
+def test_unit_areas_use_solvable_passkey_cells_only():
+    cont = pd.DataFrame([dict(doc=d, scorer=s, budget=b, kl_mean=k, perplexity=10.0)
+                         for d in range(2) for s, b, k in (("uncompressed", 1.0, 0.0), ("x", 0.5, 0.2))])
+    rows = []
+    for mode in lb.PASSKEY:
+        for k in range(2):
+            rows.append(dict(mode=mode, prompt=k, scorer="uncompressed", budget=1.0, answer_logprob=-0.1,
+                             greedy_correct=True, needle_kept=1.0))
+            for budget, logprob in ((0.25, -3.0), (0.5, -1.0)):
+                rows.append(dict(mode=mode, prompt=k, scorer="x", budget=budget, answer_logprob=logprob,
+                                 greedy_correct=False, needle_kept=0.5))
+    cells = pd.DataFrame([dict(mode=m, budget=b, solvable=(m == "query-aware" and b == 0.5))
+                          for m in lb.PASSKEY for b in (0.25, 0.5)])
+    areas = lb.unit_areas(cont, pd.DataFrame(rows), cells)
+    assert set(areas.task) == {lb.CONTINUATION, lb.PASSKEY["query-aware"]}  # agnostic: nothing solvable
+    x = areas[(areas.scorer == "x") & (areas.metric == "logprob_auc")]
+    # only budget 0.5 (-1.0), closed at 1.0 with the uncompressed -0.1: mean height (-1.0 - 0.1) / 2
+    assert x.auc.tolist() == pytest.approx([-0.55, -0.55])
+
+
+def test_solvability_table_shows_counts_not_shares():
+    cells = pd.DataFrame([dict(mode="query-aware", budget=0.25, oracle_fits=True, oracle_accuracy=0.75,
+                               uncompressed_accuracy=1.0, n_prompts=16, solvable=True),
+                          dict(mode="query-aware", budget=0.125, oracle_fits=False, oracle_accuracy=np.nan,
+                               uncompressed_accuracy=1.0, n_prompts=16, solvable=False)])
+    table = solvability_table(cells)
+    assert table.oracle_correct.tolist() == ["12/16", "—"] and table.uncompressed_correct.tolist() == ["16/16"] * 2

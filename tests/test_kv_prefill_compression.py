@@ -1,5 +1,8 @@
-"""Prefill compression on the real SmolLM2 (30 layers, 9 query / 3 KV heads): it reproduces the uncompressed model at
-full budget, really compresses (per KV head or shared), keeps original positions, and the tasks compute from real runs.
+"""Prefill compression on a tiny random Llama (``tiny_llama`` in conftest.py): the shared path (one prefill, every
+scorer and budget cut from its cache, rows fed in batches) equals the one-at-a-time path, its scores equal scores
+computed from a separate capture, a full budget reproduces the uncompressed model, every cache length is asserted, and
+the continuation task computes from real runs. The real SmolLM2 runs in tests/test_kv_prefill_smollm2.py (slow);
+passkey retrieval in tests/test_kv_passkey.py.
 """
 
 import pandas as pd
@@ -7,208 +10,224 @@ import pytest
 import torch
 
 from salience import kv_tasks
-from salience.harness import compress_prefill, continuation_logits, full_prefill
-from salience.scorers import get_scorer
+from salience.harness import (ScoringView, capture_attention, compress_prefill, compress_shared, continuation_logits,
+                              feed_batched, prefill_scores, shared_prefill)
+from salience.harness.kv_prefill import _view_seed
+from salience.scorers import AttentionView, get_scorer
 
-TEXT = (
-    "The history of the city begins in the Roman period, when a small fort was built beside the river crossing. "
-    "Over the following centuries the settlement grew into a market town, and by the twelfth century it had a "
-    "cathedral, a castle and a charter granting its citizens the right to hold a weekly market. The industrial "
-    "revolution brought mills, canals and later the railway, and the population grew tenfold in a hundred years."
-)
-N_LAYERS, N_KV = 30, 3
+# ---------------------------------------------------------------- the shared path, on a tiny random Llama
 
-
-@pytest.fixture(scope="module")
-def lm():
-    from salience.models import load_model
-
-    bundle = load_model("smollm2-135m", attn_implementation="eager")
-    ids = bundle.processor(TEXT, return_tensors="pt").input_ids
-    assert ids.shape[1] >= 80
-    return bundle.model, bundle.processor, ids[:, :64], ids[:, 64:80]
-
-
-def reference_logits(model, *parts):
-    """Logits of the last part, from one uncompressed forward pass of all parts."""
-    with torch.inference_mode():
-        logits = model(torch.cat(parts, dim=1)).logits.float()
-    return logits[:, -parts[-1].shape[1]:]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("head_mode", ["per_kv_head", "shared"])
-def test_full_budget_reproduces_uncompressed_model(lm, head_mode):
-    model, _, ctx, cont = lm
-    c = compress_prefill(model, ctx, "accumulated_attention", 1.0, head_mode=head_mode)
-    assert c.cache_lengths == [64] * N_LAYERS and c.next_position == 64 and c.budget_tokens == 64
-    torch.testing.assert_close(continuation_logits(model, c, cont), reference_logits(model, ctx, cont),
-                               atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.slow
-def test_full_budget_query_aware_reproduces_uncompressed_model(lm):
-    model, _, ctx, cont = lm
-    question, rest = cont[:, :8], cont[:, 8:]
-    c = compress_prefill(model, ctx, get_scorer("snapkv", window=8), 1.0, question_ids=question, query_aware=True)
-    assert c.cache_lengths == [64 + 8] * N_LAYERS and c.next_position == 72 and c.question_len == 8
-    torch.testing.assert_close(continuation_logits(model, c, rest), reference_logits(model, ctx, question, rest),
-                               atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("head_mode", ["per_kv_head", "shared"])
-def test_compression_keeps_the_budget_the_top_scores_and_the_protected_tokens(lm, head_mode):
-    model, _, ctx, _ = lm
-    c = compress_prefill(model, ctx, "accumulated_attention", 24, head_mode=head_mode, n_sink=4, recent_window=4)
-    assert c.cache_lengths == [24] * N_LAYERS
-    assert all(layer.keys.shape[-2] == layer.values.shape[-2] == 24 for layer in c.cache.layers)
-    assert c.kept_positions.shape == (N_LAYERS, N_KV, 24)
-    full = full_prefill(model, ctx)
-    protected = set(range(4)) | set(range(60, 64))
-    for i in range(N_LAYERS):
-        for h in range(N_KV):
-            kept = c.kept_positions[i, h]
-            assert protected <= set(kept.tolist())
-            # the cache holds the original (rotated) keys and values of exactly the kept positions, per KV head
-            torch.testing.assert_close(c.cache.layers[i].keys[0, h], full.cache.layers[i].keys[0, h, kept])
-            torch.testing.assert_close(c.cache.layers[i].values[0, h], full.cache.layers[i].values[0, h, kept])
-            # and they are the top-scored ones among the unprotected
-            scores = c.scores[i, h if head_mode == "per_kv_head" else 0]
-            free = torch.ones(64, dtype=torch.bool)
-            free[list(protected)] = False
-            chosen = torch.zeros(64, dtype=torch.bool)
-            chosen[kept] = True
-            assert scores[free & chosen].min() >= scores[free & ~chosen].max()
-    differs = [bool((c.kept_positions[i, 0] != c.kept_positions[i, 1:]).any()) for i in range(N_LAYERS)]
-    if head_mode == "per_kv_head":
-        assert any(differs)  # each KV head keeps its own set in at least one layer
-        assert c.scores.shape == (N_LAYERS, N_KV, 64)
-    else:
-        assert not any(differs)
-        assert c.scores.shape == (N_LAYERS, 1, 64)
-
-
-@pytest.mark.slow
-def test_compressed_cache_uses_original_positions(lm):
-    model, _, ctx, cont = lm
-    c = compress_prefill(model, ctx, "normalized_attention", 0.5, n_sink=2, recent_window=4)
-    assert c.compressed_length == 32 and c.next_position == 64
-    at_once = continuation_logits(model, c, cont)
-    assert c.cache.get_seq_length() == 32  # restored after the call
-    one_by_one = torch.cat([continuation_logits(model, c, cont[:, i : i + 1], restore=False)
-                            for i in range(cont.shape[1])], dim=1)
-    assert c.cache.get_seq_length() == 32 + cont.shape[1] and c.appended() == cont.shape[1]
-    torch.testing.assert_close(one_by_one, at_once, atol=2e-4, rtol=1e-4)
-    # cache-relative positions (32.., what the model infers from the cache length) give other logits: the check bites
-    c = compress_prefill(model, ctx, "normalized_attention", 0.5, n_sink=2, recent_window=4)
-    with torch.inference_mode():
-        relative = model(cont, past_key_values=c.cache, use_cache=True).logits.float()
-    assert (relative - at_once).abs().max() > 1e-2
-
-
-@pytest.mark.slow
-def test_cache_length_assertion_is_live(lm, monkeypatch):
-    import salience.harness.kv_prefill_compression as kvc
-
-    model, _, ctx, _ = lm
-    original = kvc._gather_context
-    monkeypatch.setattr(kvc, "_gather_context", lambda states, index, n: original(states, index, n)[:, :, 1:])
-    with pytest.raises(RuntimeError, match="expected 16"):
-        compress_prefill(model, ctx, "key_norm", 16)
-
-
-@pytest.mark.slow
-def test_fused_path_keeps_what_eager_keeps(lm):
-    model, _, ctx, _ = lm
-    eager = compress_prefill(model, ctx, "accumulated_attention", 0.25, n_sink=2)
-    fused = compress_prefill(model, ctx, "accumulated_attention", 0.25, n_sink=2, attention="fused")
-    assert fused.cache_lengths == eager.cache_lengths == [16] * N_LAYERS
-    assert (fused.kept_positions == eager.kept_positions).float().mean() > 0.9  # near-ties may flip
+TINY_SCORERS = ["accumulated_attention", "normalized_attention", "tova", "key_norm", "random", "recency", "vatp",
+                "caote", "attention_pagerank", "keyformer"]
 
 
 @pytest.fixture(scope="module")
-def needle(lm):
-    from salience.data import build_needle_prompt, random_passkey, wikipedia_haystack
-
-    _, tok, _, _ = lm
-    hay = wikipedia_haystack(min_chars=20_000)
-    return [build_needle_prompt(tok, hay, *random_passkey(seed=s), depth=d, context_tokens=128)
-            for s, d in [(0, 0.1), (3, 0.5)]]
+def tiny(tiny_llama):
+    ids = torch.randint(0, 32, (1, 40), generator=torch.Generator().manual_seed(1))
+    scorers = {name: get_scorer(name) for name in TINY_SCORERS}
+    scorers["snapkv"] = get_scorer("snapkv", window=4, kernel_size=3)
+    return tiny_llama, ids[:, :24], ids[:, 24:30], ids[:, 30:], scorers
 
 
-@pytest.mark.slow
-def test_query_aware_scores_with_the_question_rows(lm, needle):
-    model, tok, _, _ = lm
-    x = kv_tasks.needle_inputs(tok, needle[0])
-    ctx, question = x.context_ids, x.question_ids
-    n_ctx, n_q = ctx.shape[1], question.shape[1]
-    snapkv = get_scorer("snapkv", window=n_q)
-    agnostic = compress_prefill(model, ctx, snapkv, 0.2, n_sink=4)
-    aware = compress_prefill(model, ctx, snapkv, 0.2, question_ids=question, query_aware=True, n_sink=4)
-    budget = agnostic.budget_tokens
-    assert budget == aware.budget_tokens == -(-n_ctx // 5)
-    assert agnostic.cache_lengths == [budget] * N_LAYERS and agnostic.next_position == n_ctx
-    assert aware.cache_lengths == [budget + n_q] * N_LAYERS and aware.next_position == n_ctx + n_q
-    # the question's entries stay whole after the kept context entries
-    full = full_prefill(model, ctx, question)
-    for i in (0, N_LAYERS - 1):
-        torch.testing.assert_close(aware.cache.layers[i].keys[:, :, budget:], full.cache.layers[i].keys[:, :, n_ctx:])
-    # scoring used the question's rows: the window is the question, not the end of the context
-    assert (aware.scores - agnostic.scores).abs().max() > 1e-3
-    assert (aware.kept_positions != agnostic.kept_positions).any()
-    # an oracle that protects the needle keeps all of it in every layer and head
-    span = torch.zeros(n_ctx, dtype=torch.bool)
-    span[slice(*x.needle_span)] = True
-    oracle = compress_prefill(model, ctx, "key_norm", 0.2, protect=span)
-    assert (oracle.span_kept(*x.needle_span) == 1).all()
-    for name, c in (("agnostic", agnostic), ("query-aware", aware)):
-        kept = c.span_kept(*x.needle_span)
-        print(f"\nsnapkv@0.2 {name}: needle kept {float(kept.mean()):.3f} of entries, whole span in "
-              f"{int((kept == 1).sum())}/{kept.numel()} layer-heads")
+@pytest.mark.parametrize("head_mode", ["per_kv_head", "shared"])
+def test_shared_path_equals_one_prefill_per_compression(tiny, head_mode):
+    """Every scorer x mode x budget cut from one prefill keeps what a separate prefill + compression keeps, and the
+    batched feed gives the logits the one-at-a-time feed gives."""
+    model, ctx, question, rest, scorers = tiny
+    prefill = shared_prefill(model, torch.cat([ctx, question, rest], dim=1), 24,
+                             [ScoringView("agnostic", 24, scorers), ScoringView("aware", 30, scorers)], generator=7)
+    settings = dict(head_mode=head_mode, n_sink=2, recent_window=4)
+    items, expected = [], []
+    for mode, end in (("agnostic", 24), ("aware", 30)):
+        aware = mode == "aware"
+        feed = rest if aware else torch.cat([question, rest], dim=1)
+        for name, scorer in scorers.items():
+            for budget in (8, 0.5):
+                generator = torch.Generator().manual_seed(_view_seed(7, mode, name))
+                alone = compress_prefill(model, ctx, scorer, budget, question_ids=question if aware else None,
+                                         query_aware=aware, generator=generator, **settings)
+                shared = compress_shared(prefill, prefill.scores[mode, name], budget, prefix_len=end, **settings)
+                assert torch.equal(shared.kept_positions, alone.kept_positions), (mode, name, budget)
+                assert shared.cache_lengths == alone.cache_lengths == [alone.budget_tokens + end - 24] * 2
+                items.append((shared, feed))
+                expected.append(continuation_logits(model, alone, feed)[0])
+    out = feed_batched(model, items, batch_size=7)
+    assert len(out) == len(items)
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    last = feed_batched(model, items, logits_rows=2)
+    for got, want in zip(last, expected):
+        torch.testing.assert_close(got, want[-2:], atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.slow
-def test_continuation_nll_and_kl_on_wikipedia(lm):
-    model, tok, _, _ = lm
-    ((ctx, cont),) = kv_tasks.wikipedia_continuations(tok, n=1, context_tokens=96, continuation_tokens=24)
-    df = kv_tasks.continuation_metrics(model, ctx, cont, ["accumulated_attention", "key_norm"], [1.0, 0.25],
-                                       n_sink=4, recent_window=4)
-    print("\n" + df.to_string())
-    assert list(df.scorer) == ["uncompressed"] + ["accumulated_attention"] * 2 + ["key_norm"] * 2
-    base = df.iloc[0]
-    assert base.budget == 1.0 and base.kl_mean == 0.0 and base.n_predicted == 23
-    full, small = df[df.budget_tokens == 96].iloc[1:], df[df.budget_tokens == 24]
-    assert (full.kl_mean < 1e-6).all() and full.nll.tolist() == pytest.approx([base.nll] * 2, rel=1e-5)
-    assert len(small) == 2 and (small.kl_mean > 1e-3).all() and (small.top1_agreement <= 1).all()
-    kl = kv_tasks.kl_to_full_cache(model, ctx, cont, "key_norm", 0.25, n_sink=4, recent_window=4)
-    assert "nll" not in kl and kl.kl_mean.tolist() == pytest.approx([0.0, small.kl_mean.iloc[1]], abs=1e-6)
-    auc = kv_tasks.area_under_budget_curve(df, "kl_mean")
-    print(auc.to_string())
-    assert list(auc.scorer) == ["uncompressed", "accumulated_attention", "key_norm"]
-    assert auc.auc.iloc[0] == 0.0 and (auc.auc.iloc[1:] > 0).all()
+#: scorers that draw from the view's generator (prefill_scores hands them none)
+DRAWING = {"random", "keyformer"}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("query_aware", [False, True])
-def test_needle_accuracy_from_real_generations(lm, needle, query_aware):
-    model, tok, _, _ = lm
-    df = kv_tasks.needle_accuracy(model, tok, needle, {"snapkv": get_scorer("snapkv", window=16)}, [1.0, 0.25],
-                                  query_aware=query_aware, n_sink=4, max_new_tokens=8,
-                                  answer_prefix="The secret passkey is")
-    print("\n" + df[["prompt", "depth", "scorer", "budget", "generated", "correct", "needle_kept",
-                     "needle_heads_intact"]].to_string())
-    assert len(df) == 2 * 3 and list(df.scorer[:3]) == ["uncompressed", "snapkv", "snapkv"]
-    assert (df.n_generated >= 1).all()
-    assert (df.correct == [a in g for a, g in zip(df.answer, df.generated)]).all()
-    for _, group in df.groupby("prompt"):
-        base, whole = group.iloc[0], group.iloc[1]
-        assert whole.generated == base.generated  # a full budget answers exactly like the uncompressed model
-        assert whole.needle_kept == base.needle_kept == 1.0
-        assert group.iloc[2].budget_tokens == -(-group.iloc[2].context_len // 4)
-    acc = kv_tasks.area_under_budget_curve(df, "correct")
-    print(acc.to_string())
-    assert list(acc.scorer) == ["uncompressed", "snapkv"]
+def _captured_scores(model, ids, scorers, seed, view) -> dict[str, torch.Tensor]:
+    """Every scorer's ``(layers, H, K)`` scores of all ``K`` keys of ``ids``, from a separate forward pass of ``ids``
+    alone: each layer's captured attention (to the scorers that read it), keys and values handed straight to the
+    scorer (stochastic ones with the generator the shared path gives ``(view, label)``)."""
+    positions = torch.arange(ids.shape[1])
+    generators = {name: torch.Generator().manual_seed(_view_seed(seed, view, name)) for name in scorers}
+    out = {name: [] for name in scorers}
+
+    def on_attention(layer, probs, key, value):
+        for name, scorer in scorers.items():
+            attention = None if scorer.attention_free else probs
+            out[name].append(scorer(AttentionView(key_positions=positions, query_positions=positions,
+                                                  attention=attention, keys=key, values=value,
+                                                  generator=generators[name]))[0].float())
+
+    with torch.inference_mode(), capture_attention(model, on_attention):
+        model(ids, use_cache=False)
+    return {name: torch.stack(layers) for name, layers in out.items()}
+
+
+def test_shared_prefill_scores_equal_scores_computed_apart(tiny):
+    """The shared prefill's per-scorer scores of each view equal the scores of a separate forward pass of the view's
+    tokens alone (the agnostic view: the context; the aware view: context + question), computed without the shared
+    path: straight from a capture, and for the attention-based scorers that draw nothing from :func:`prefill_scores`
+    too (it hands every scorer the attention, so attention-free ones would answer per query head there)."""
+    model, ctx, question, rest, scorers = tiny
+    prefill = shared_prefill(model, torch.cat([ctx, question, rest], dim=1), 24,
+                             [ScoringView("agnostic", 24, scorers), ScoringView("aware", 30, scorers)], generator=7)
+    for view, ids in (("agnostic", ctx), ("aware", torch.cat([ctx, question], dim=1))):
+        apart = _captured_scores(model, ids, scorers, 7, view)
+        plain = prefill_scores(model, ids, {n: s for n, s in scorers.items()
+                                            if n not in DRAWING and not s.attention_free})
+        for name in scorers:
+            shared = prefill.scores[view, name]
+            assert shared.shape == (2, apart[name].shape[1], 24), (view, name)
+            torch.testing.assert_close(shared, apart[name][..., :24], atol=1e-5, rtol=1e-4, msg=f"{view} {name}")
+            if name in plain:
+                torch.testing.assert_close(shared, plain[name][..., :24], atol=1e-5, rtol=1e-4, msg=f"{view} {name}")
+        # the two views differ (the question's rows are read), so the check is not comparing a view with itself
+        assert not torch.allclose(prefill.scores["aware", "tova"], prefill.scores["agnostic", "tova"])
+
+
+def test_full_budget_reproduces_the_uncompressed_model_on_the_shared_path(tiny):
+    model, ctx, question, rest, scorers = tiny
+    ids = torch.cat([ctx, question, rest], dim=1)
+    prefill = shared_prefill(model, ids, 24, [ScoringView("agnostic", 24, scorers)], logits_rows=16)
+    with torch.inference_mode():
+        reference = model(ids).logits[0, -16:].float()
+    torch.testing.assert_close(prefill.logits, reference, atol=1e-5, rtol=1e-5)
+    full = compress_shared(prefill, prefill.scores["agnostic", "random"], 1.0)
+    assert full.cache_lengths == [24, 24] and full.kept_positions[0, 0].tolist() == list(range(24))
+    (logits,) = feed_batched(model, [(full, torch.cat([question, rest], dim=1))])
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_compressing_leaves_the_shared_prefill_untouched(tiny):
+    model, ctx, question, rest, scorers = tiny
+    prefill = shared_prefill(model, torch.cat([ctx, question], dim=1), 24, [ScoringView("agnostic", 24, scorers)])
+    before = [layer.keys.clone() for layer in prefill.cache.layers]
+    compressed = compress_shared(prefill, prefill.scores["agnostic", "tova"], 6, n_sink=1)
+    feed_batched(model, [(compressed, question)])
+    continuation_logits(model, compressed, question)
+    assert compressed.cache.get_seq_length() == 6
+    assert all(torch.equal(b, layer.keys) for b, layer in zip(before, prefill.cache.layers))
+
+
+def test_stochastic_scorers_keep_their_draws_when_scorers_are_added(tiny):
+    model, ctx, _, _, scorers = tiny
+    one = shared_prefill(model, ctx, 24, [ScoringView("v", 24, {"random": scorers["random"]})], generator=3)
+    many = shared_prefill(model, ctx, 24, [ScoringView("v", 24, scorers)], generator=3)
+    assert torch.equal(one.scores["v", "random"], many.scores["v", "random"])
+    other = shared_prefill(model, ctx, 24, [ScoringView("v", 24, scorers)], generator=4)
+    assert not torch.equal(other.scores["v", "random"], many.scores["v", "random"])
+
+
+def test_feed_batched_groups_rows_by_cache_length_and_asserts_it(tiny, monkeypatch):
+    import salience.harness.kv_feed as feed
+
+    model, ctx, question, _, scorers = tiny
+    prefill = shared_prefill(model, torch.cat([ctx, question], dim=1), 24, [ScoringView("agnostic", 24, scorers)])
+    rows = [(compress_shared(prefill, prefill.scores["agnostic", name], b), question)
+            for name in ("tova", "recency") for b in (5, 9, 5)]
+    alone = [continuation_logits(model, c, q)[0] for c, q in rows]
+    for got, want in zip(feed_batched(model, rows, batch_size=2), alone):  # groups of 4 and 2 rows, in pieces
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    original = feed._batch_cache
+
+    def short(rows, config):  # a batch cache that lost one entry per layer must not pass
+        cache = original(rows, config)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, 1:], layer.values[:, :, 1:]
+        return cache
+
+    monkeypatch.setattr(feed, "_batch_cache", short)
+    with pytest.raises(RuntimeError, match="expected 5 in every layer"):
+        feed_batched(model, rows)
+
+
+def test_scoring_views_and_feeds_refuse_bad_input(tiny):
+    model, ctx, question, _, scorers = tiny
+    ids = torch.cat([ctx, question], dim=1)
+    with pytest.raises(ValueError, match="must hold the context's keys"):
+        shared_prefill(model, ids, 24, [ScoringView("short", 20, scorers)])
+    with pytest.raises(ValueError, match="view names must be unique"):
+        shared_prefill(model, ids, 24, [ScoringView("a", 24, scorers), ScoringView("a", 30, scorers)])
+    with pytest.raises(ValueError, match="has no scorers"):
+        shared_prefill(model, ids, 24, [ScoringView("a", 24, {})])
+    with pytest.raises(ValueError, match="one view covering the whole prompt"):
+        shared_prefill(model, ids, 24, [ScoringView("a", 24, {"h2o": scorers["accumulated_attention"]})],
+                       attention="fused")
+    prefill = shared_prefill(model, ids, 24, [ScoringView("a", 24, scorers)])
+    with pytest.raises(ValueError, match=r"prefix_len must lie in \[24, 30\]"):
+        compress_shared(prefill, prefill.scores["a", "tova"], 6, prefix_len=31)
+    with pytest.raises(ValueError, match=r"scores must be \(layers=2, heads, C=24\)"):
+        compress_shared(prefill, prefill.scores["a", "tova"][:, :, :10], 6)
+    compressed = compress_shared(prefill, prefill.scores["a", "tova"], 6)
+    with pytest.raises(ValueError, match=r"logits_rows must lie in \[1, 6\]"):
+        feed_batched(model, [(compressed, question)], logits_rows=7)
+
+
+def test_continuation_runs_put_the_reference_rows_first(tiny):
+    model, ctx, question, rest, scorers = tiny
+    pairs = [(ctx, torch.cat([question, rest], dim=1)), (rest.flip(1).repeat(1, 3)[:, :24], question)]
+    df = kv_tasks.continuation_runs(model, pairs, {"tova": scorers["tova"], "random": scorers["random"]},
+                                    [0.25, 0.5], n_sink=1, recent_window=2, units_per_batch=1, progress=False)
+    for doc, g in df.groupby("doc"):
+        assert list(g.scorer) == ["uncompressed"] + ["oracle"] * 2 + ["tova"] * 2 + ["random"] * 2
+        assert list(g.cache_len) == [24, 6, 12, 6, 12, 6, 12]
+        assert g.kl_mean.iloc[0] == 0.0 and (g.kl_mean.iloc[1:] > 0).all()
+    single = kv_tasks.continuation_metrics(model, *pairs[1], {"tova": scorers["tova"]}, 0.25, n_sink=1,
+                                           recent_window=2)
+    row = df[(df.doc == 1) & (df.scorer == "tova") & (df.budget == 0.25)].iloc[0]
+    assert single.iloc[1].kl_mean == pytest.approx(row.kl_mean, rel=1e-5)
+    assert "doc" not in single and list(single.scorer) == ["uncompressed", "tova"]
+
+
+def test_continuation_metrics_seeds_random_scorers_as_continuation_runs_does(tiny):
+    """By default a stochastic scorer draws what ``continuation_runs(seed=0)`` draws for its first document, so two
+    calls agree; another int seed draws otherwise."""
+    model, ctx, question, rest, scorers = tiny
+    cont = torch.cat([question, rest], dim=1)
+    random = {"random": scorers["random"]}
+    first = kv_tasks.continuation_metrics(model, ctx, cont, random, [0.25, 0.5], n_sink=1)
+    again = kv_tasks.continuation_metrics(model, ctx, cont, random, [0.25, 0.5], n_sink=1)
+    runs = kv_tasks.continuation_runs(model, [(ctx, cont)], random, [0.25, 0.5], oracle=False, n_sink=1, seed=0,
+                                      progress=False)
+    pd.testing.assert_frame_equal(first, again)
+    pd.testing.assert_frame_equal(first, runs.drop(columns="doc"))
+    other = kv_tasks.continuation_metrics(model, ctx, cont, random, [0.25, 0.5], n_sink=1, generator=1)
+    assert (other.kl_mean.iloc[1:].to_numpy() != first.kl_mean.iloc[1:].to_numpy()).any()
+
+
+def test_the_continuation_oracle_reads_the_continuation_rows(tiny):
+    """The oracle keeps the context keys the continuation's queries attend to most: its kept set is the top of the
+    attention that those rows pay to the context, which a context-only scorer never sees."""
+    model, ctx, question, rest, scorers = tiny
+    cont = torch.cat([question, rest], dim=1)
+    ids = torch.cat([ctx, cont], dim=1)
+    prefill = shared_prefill(model, ids, 24, [ScoringView("future", 40, {"oracle": kv_tasks.oracle_scorer()},
+                                                          first_query=24)], rows_from=24)
+    paid = torch.stack([rows[0, :, :, :24].sum(dim=1) for rows in prefill.rows_attention])  # (layers, H, 24)
+    torch.testing.assert_close(prefill.scores["future", "oracle"], paid)
+    kept = compress_shared(prefill, prefill.scores["future", "oracle"], 6, head_mode="shared").kept_positions
+    assert set(kept[0, 0].tolist()) == set(paid[0].mean(0).topk(6).indices.tolist())
 
 
 def test_area_under_budget_curve_closes_curves_at_the_uncompressed_value():
@@ -221,46 +240,3 @@ def test_area_under_budget_curve_closes_curves_at_the_uncompressed_value():
     with pytest.raises(ValueError, match="choose from"):
         kv_tasks.area_under_budget_curve(df, "nll")
 
-
-BAD = [
-    (dict(budget=0.0), r"ratio must lie in \(0, 1\]"),
-    (dict(budget=-0.5), r"ratio must lie in \(0, 1\]"),
-    (dict(budget=1.5), r"ratio must lie in \(0, 1\]"),
-    (dict(budget=65), r"token budget must lie in \[1, 64\]"),
-    (dict(budget=0), r"token budget must lie in \[1, 64\]"),
-    (dict(budget=16, recent_window=65), r"recent_window \(65\) is longer than the context .*\[0, 64\]"),
-    (dict(budget=16, scorer=get_scorer("snapkv", window=80)), r"window \(80\) is longer than the prompt .*\[1, 64\]"),
-    (dict(budget=8, n_sink=4, recent_window=8), r"exceed the budget of 8 tokens"),
-    (dict(budget=16, head_mode="per_query_head"), r"head_mode must be one of \('per_kv_head', 'shared'\)"),
-    (dict(budget=16, scorer="h2o"), r"unknown scorer 'h2o'; available: .*accumulated_attention"),
-    (dict(budget=16, scorer="snapkv", attention="fused"), r"need more than key mass; run them with attention='eager'"),
-    (dict(budget=16, attention="flash"), r"attention must be one of \('eager', 'fused'\)"),
-    (dict(budget=4, protect=torch.arange(64) < 5), r"5 protected tokens .* exceed the budget of 4 tokens"),
-    (dict(budget=16, query_aware=True), r"query_aware=True needs question_ids"),
-    (dict(budget=16, question_ids=torch.ones(1, 4, dtype=torch.long)), r"only with query_aware=True"),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kwargs,match", BAD, ids=[
-    "ratio0", "ratio_negative", "ratio_above_1", "tokens_above_context", "tokens0", "recent_window_too_long",
-    "scorer_window_too_long", "protected_exceed_budget", "head_mode", "unknown_scorer", "fused_needs_attention",
-    "attention_path", "protect_exceeds_budget", "query_aware_without_question", "question_without_query_aware"])
-def test_bad_input_names_the_valid_range(lm, kwargs, match):
-    model, _, ctx, _ = lm
-    kwargs = {"scorer": "accumulated_attention", **kwargs}
-    with pytest.raises(ValueError, match=match):
-        compress_prefill(model, ctx, **kwargs)
-
-
-@pytest.mark.slow
-def test_tasks_refuse_bad_input_before_running(lm):
-    model, tok, ctx, cont = lm
-    with pytest.raises(ValueError, match=r"token budget must lie in \[1, 64\]"):
-        kv_tasks.continuation_metrics(model, ctx, cont, "key_norm", [0.5, 100])
-    with pytest.raises(ValueError, match="unknown scorer"):
-        kv_tasks.continuation_metrics(model, ctx, cont, ["key_norm", "nope"], 0.5)
-    with pytest.raises(ValueError, match="pass a dict"):
-        kv_tasks.continuation_metrics(model, ctx, cont, ["key_norm", "key_norm"], 0.5)
-    with pytest.raises(ValueError, match="need more than key mass"):
-        kv_tasks.continuation_metrics(model, ctx, cont, "tova", 0.5, attention="fused")

@@ -1,6 +1,7 @@
 """Every notebook follows DESIGN.md's conventions: one source of defaults (the YAML), a cited title, a Findings cell
 rendered from claims.json, and nbval checks only on stable result cells."""
 
+import json
 import re
 
 import nbformat
@@ -10,8 +11,9 @@ from pydantic_core import PydanticUndefined
 
 from salience.experiments import NOTEBOOKS, experiment_module
 from salience.notebooks import RUNNER_NAMES, notebook_path, parameters_cell_defaults, render_parameters_cell
-from salience.params import param_file
+from salience.params import load_params, param_file
 from salience.references import check_keys, cited_keys
+from salience.reproduction import reference_path
 
 NAMES = sorted(NOTEBOOKS)
 
@@ -53,10 +55,12 @@ def test_structure(name):
     assert "Claim under test" in title.source
     code = [c.source for c in nb.cells if c.cell_type == "code"]
     assert not any("sys.path" in s for s in code)
-    last = code[-1]
-    assert "run.conclude(" in last and "run.finish()" in last and "NBVAL_CHECK_OUTPUT" in last, (
-        "the last code cell concludes the claim (claims.json), finishes the run and is checked by nbval")
-    assert any("NBVAL_CHECK_OUTPUT" in s and ".table()" in s for s in code), "show claim.table() in a checked cell"
+    concluding, last = code[-2], code[-1]
+    assert all(k in concluding for k in ("run.conclude(", "run.finish()", "run.reproduction()", "NBVAL_CHECK_OUTPUT")), (
+        "the next-to-last code cell concludes the claim (claims.json), finishes the run and shows, checked by nbval, "
+        "whether each part reproduces the stored run (n, verdict, numbers within the interval's precision)")
+    assert "NBVAL_CHECK_OUTPUT" not in last and "claim.table()" in last and "Markdown(findings)" in last, (
+        "the last code cell shows the claim table and the Findings (their printed digits are not what nbval checks)")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -70,6 +74,21 @@ def test_checked_cells_have_stable_stored_outputs(name):
         assert not streams, f"a checked cell writes to stderr (a progress bar or a warning): {c.source[:80]!r}"
         text = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for o in c.outputs)
         assert not re.search(r"\d+(\.\d+)? ?(s|ms|it/s)\b", text), f"a checked cell shows a timing: {c.source[:80]!r}"
+        assert "not compared" not in text, (
+            f"the stored run was not compared with its reference: run `salience store {name}`")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stored_reference_matches_the_stored_notebook(name):
+    """notebooks/<nb>.claims.json is what the stored outputs were made with: same parameters as the YAML, and the
+    stored notebook's checked cell says every part reproduces it."""
+    ref = json.loads(reference_path(name).read_text())
+    assert ref["params"] == json.loads(json.dumps(load_params(name).model_dump(mode="json"), sort_keys=True,
+                                                  default=str)), f"run `salience store {name}`"
+    nb = nbformat.read(notebook_path(name), as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "run.reproduction()" in c.source)
+    text = "".join(str(o.get("data", {}).get("text/plain", "")) for o in cell.outputs)
+    assert text.count(" yes") == len(ref["claim"]["parts"]) + 1, text
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -3,19 +3,18 @@
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from salience.experiments.vision_params import ImageSize, KeepRatios, PhotoNames, PruneLayers
+from salience.experiments.vision_params import ImageSize, KeepRatios, PhotoNames
 
 
 class _P(BaseModel):
     image_size: ImageSize = 112
     keeps: KeepRatios = [0.5]
-    layers: PruneLayers = [6]
     photos: PhotoNames = ["astronaut"]
 
 
 def test_values_are_normalised():
-    p = _P(keeps=[0.1, 0.5, 0.1], layers=[9, 3, 3])
-    assert p.keeps == [0.5, 0.1] and p.layers == [3, 9]
+    p = _P(keeps=[0.1, 0.5, 0.1])
+    assert p.keeps == [0.5, 0.1]
 
 
 @pytest.mark.parametrize("values, needle", [
@@ -24,7 +23,6 @@ def test_values_are_normalised():
     ({"keeps": [0.0, 0.5]}, r"ratio in \(0, 1\]"),
     ({"keeps": [1.5]}, r"ratio in \(0, 1\]"),
     ({"keeps": []}, "at least 1"),
-    ({"layers": [0, 3]}, ">= 1"),
     ({"photos": ["nope"]}, "choices: .*astronaut"),
 ])
 def test_bad_values_name_the_valid_range(values, needle):

@@ -1,4 +1,4 @@
-"""Vision tasks: image loading, pixel batches, features, probe, accuracy table, overlays (tiny random DINOv2)."""
+"""Vision tasks: image loading, pixel batches, reductions, paired latency, overlays (tiny random DINOv2)."""
 
 from __future__ import annotations
 
@@ -81,69 +81,42 @@ def test_digit_pixels_both_data_sets():
 
 
 # ---------------------------------------------------------------------------------------------- probe + table
-def test_cls_cosine_by_hand():
-    a = np.array([[1.0, 0.0], [1.0, 1.0]])
-    b = np.array([[0.0, 2.0], [2.0, 2.0]])
-    np.testing.assert_allclose(vt.cls_cosine(a, b), [0.0, 1.0])
-
-
-def test_reduced_features_run_the_prefix_once_per_batch(model, monkeypatch):
-    calls = []
-    real = vt.vit_prefix
-    monkeypatch.setattr(vt, "vit_prefix", lambda *a, **k: calls.append(1) or real(*a, **k))
-    px = torch.randn(5, 3, 56, 56, generator=torch.Generator().manual_seed(0))
-    reductions = {f"{m}{k}": vt.Reduction(get_scorer("accumulated_attention"), k, m)
-                  for m in ("drop", "visionzip", "tome") for k in (0.5, 0.25)}
-    out = vt.reduced_features(model, px, 1, reductions, batch_size=2)
-    assert len(calls) == 3  # batches of 2, 2, 1
-    assert out["drop0.5"].features.shape == (5, 64) and out["drop0.5"].kept_patches == 8
-    assert out["tome0.25"].tokens_per_layer == [17, 5]
+def test_reduction_checks_its_arguments_first():
+    with pytest.raises(ValueError, match="needs a scorer"):
+        vt.Reduction(None, 0.5)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        vt.reduced_features(model, px, 1, {"bad": vt.Reduction(get_scorer("random"), 1.5)})
+        vt.Reduction(get_scorer("random"), 1.5)
+    with pytest.raises(ValueError, match="method must be one of"):
+        vt.Reduction(get_scorer("random"), 0.5, "pool")
 
 
-def test_accuracy_vs_keep_table(model):
-    g = torch.Generator().manual_seed(0)
-    labels = np.arange(40) % 2
-    # two classes that differ in brightness: the probe can learn them from unpruned features
-    px = torch.randn(40, 3, 56, 56, generator=g) * 0.1 + torch.tensor(labels, dtype=torch.float32)[:, None, None, None]
-    table, probe = vt.accuracy_vs_keep(model, (px[:24], labels[:24]), (px[24:], labels[24:]),
-                                       {"random": get_scorer("random"), "mass": get_scorer("accumulated_attention")},
-                                       keeps=[1.0, 0.25], layers=[1], methods=("drop", "tome"), batch_size=16)
-    assert list(table.columns[:8]) == ["layer", "scorer", "method", "keep", "kept_patches", "accuracy", "accuracy_se",
-                                      "accuracy_cls"]
-    assert table.iloc[0].scorer == "unpruned" and table.iloc[0].accuracy == 1.0
-    assert len(table) == 1 + 2 * 2 + 2  # unpruned + 2 scorers x 2 keeps (drop) + tome x 2 keeps
-    full = table[table.keep == 1.0]
-    np.testing.assert_allclose(full.accuracy, 1.0)
-    np.testing.assert_allclose(full.cls_cosine, 1.0, atol=1e-6)
-    assert full.accuracy_cls.nunique() == 1  # the [CLS] probe sees identical features at keep 1
-    reduced = table[table.keep == 0.25]
-    assert (reduced.kept_patches == 4).all() and (reduced.flops_ratio < 1).all() and (reduced.cls_cosine < 1).all()
-    with pytest.raises(ValueError, match="only method 'tome'"):
-        vt.accuracy_vs_keep(model, (px[:4], labels[:4]), (px[4:8], labels[4:8]), {"none": None}, [0.5], [1])
-    with pytest.raises(ValueError, match=r"\[1, 1\]"):
-        vt.accuracy_vs_keep(model, (px[:4], labels[:4]), (px[4:8], labels[4:8]), {"r": get_scorer("random")},
-                            [0.5], [2])
-
-
-def test_measure_latency_and_flops(model):
+def test_paired_latency_times_every_configuration_in_every_repeat(model, monkeypatch):
     px = torch.randn(2, 3, 56, 56)
-    full = vt.measure_latency(model, px, None, repeats=2)
-    cut = vt.measure_latency(model, px, vt.Reduction(get_scorer("random"), 0.25), layer=1, repeats=2)
-    assert full["tokens_last_layer"] == 17 and cut["tokens_last_layer"] == 5
-    assert cut["flops"] < full["flops"] and full["seconds"] > 0
+    reductions = {"drop": vt.Reduction(get_scorer("random"), 0.25), "tome": vt.Reduction(None, 0.25, "tome")}
+    calls = []
+    real = vt.vit_forward
+    monkeypatch.setattr(vt, "vit_forward", lambda *a: calls.append(1) or real(*a))
+    lat = vt.paired_latency(model, px, reductions, 1, repeats=3, inner=2, warmup=1)
+    assert len(calls) == 4 * 2  # (warm-up + 3 repeats) x 2 inner runs of the unreduced pass
+    assert len(lat) == 9 and lat.groupby("repeat").config.nunique().eq(3).all()
+    by = lat.groupby("config").first()
+    assert by.loc["unreduced", "tokens_last_layer"] == 17 and by.loc["drop", "tokens_last_layer"] == 5
+    assert by.loc["drop", "flops"] < by.loc["unreduced", "flops"] and (lat.seconds > 0).all()
+    with pytest.raises(ValueError, match="repeats must be >= 2"):
+        vt.paired_latency(model, px, reductions, 1, repeats=1)
 
 
-def test_kept_token_figure(model):
+@pytest.mark.parametrize("layer", [None, 1])
+def test_kept_token_figure(model, layer):
     rng = np.random.default_rng(0)
     images = {"a": rng.integers(0, 256, (30, 40, 3), dtype=np.uint8),
               "b": rng.integers(0, 256, (20, 20), dtype=np.uint8)}
     reductions = {"drop": vt.Reduction(get_scorer("accumulated_attention"), 0.25),
                   "tome": vt.Reduction(None, 0.25, "tome"),
                   "visionzip": vt.Reduction(get_scorer("accumulated_attention"), 0.5, "visionzip")}
-    fig, table = vt.kept_token_figure(model, images, reductions, layer=1, size=56)
+    fig, table = vt.kept_token_figure(model, images, reductions, layer, size=56)
     assert len(fig.axes) == 6 and len(table) == 6
     drop = table[table.reduction == "drop"]
-    assert all(len(k.split()) == 4 for k in drop.kept_patches)
+    assert all(len(k.split()) == 4 for k in drop.kept_patches) and (drop.tokens == 5).all()
     assert (table[table.reduction == "tome"].merged_groups > 0).all()
+    assert (table[table.reduction == "visionzip"].tokens == 9).all()

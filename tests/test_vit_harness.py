@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Dinov2Config, Dinov2Model
 
 from salience.harness import token_merging as tm
+from salience.harness import vit_attention as va
 from salience.harness import vit_pruning as vp
 from salience.scorers import get_scorer
 from salience.scorers.base import Scorer
@@ -46,7 +47,7 @@ def test_keep_one_reproduces_the_unpruned_model(model, pixels, method):
     torch.testing.assert_close(out.cls, cls, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.patch_mean, patch_mean, atol=1e-5, rtol=1e-5)
     assert out.tokens_per_layer == [17, 17]
-    assert out.features.shape == (3, 64)
+    assert out.tokens.shape == (3, 17, 32) and out.patches.shape == (3, 16, 32)
 
 
 def test_vit_forward_is_the_plain_model(model, pixels):
@@ -86,8 +87,8 @@ def test_prefix_once_suffix_many_gives_the_same_answer(model, pixels):
     a = vp.reduce_and_finish(model, prefix, scorer, 0.5, "drop", seed=3)
     b = vp.reduce_and_finish(model, prefix, scorer, 0.5, "drop", seed=3)
     c = vp.prune_vit(model, pixels, scorer, 0.5, layer=1, seed=3)
-    torch.testing.assert_close(a.features, b.features)
-    torch.testing.assert_close(a.features, c.features)
+    torch.testing.assert_close(a.tokens, b.tokens)
+    torch.testing.assert_close(a.tokens, c.tokens)
 
 
 @pytest.mark.parametrize("method", vp.METHODS)
@@ -144,9 +145,9 @@ def test_contextual_merging_groups_by_similarity():
 
 # -------------------------------------------------------------------------------------- proportional attention
 def _attention(q, k, v, log_sizes=None, record=False):
-    state = vp._AttentionState(log_sizes=log_sizes, record_probs=record)
-    with vp._attention_state(state):
-        out, _ = vp.vit_attention(torch.nn.Identity().eval(), q, k, v, None, scaling=0.5)
+    state = va.AttentionState(log_sizes=log_sizes, record_probs=record)
+    with va.attention_state(state):
+        out, _ = va.vit_attention(torch.nn.Identity().eval(), q, k, v, None, scaling=0.5)
     return out
 
 

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ..seeding import unit_seed
+
 # End of a sentence: terminal punctuation (plus closing quotes/brackets) followed by a line break, or by spaces and
 # something that starts a sentence. Requiring the capital skips most "e.g. foo" false boundaries; the
 # lookbehinds skip initials ("Sergei K. Krikalev") and common title abbreviations.
@@ -218,3 +220,19 @@ def wikipedia_haystack(min_chars: int = 40_000, seed: int = 0) -> str:
         if total >= min_chars:
             return "\n\n".join(parts)
     raise ValueError(f"min_chars must be <= {total} (all Wikipedia bodies together), got {min_chars}")
+
+
+def passkey_prompts(tokenizer, depths, n_passkeys: int, context_tokens: int, seed: int = 0) -> list[NeedlePrompt]:
+    """``n_passkeys`` × ``len(depths)`` passkey prompts of ``context_tokens`` tokens: prompt ``i`` plants its own
+    seeded passkey (:func:`random_passkey`) in its own seeded Wikipedia haystack, so the prompts are separate units
+    (different prose, different key), ordered passkey by passkey, depth by depth."""
+    if n_passkeys < 1 or not list(depths):
+        raise ValueError(f"need n_passkeys >= 1 and at least one depth, got {n_passkeys} and {list(depths)}")
+    prompts = []
+    for s in range(n_passkeys):
+        for d in depths:
+            i = len(prompts)
+            hay = wikipedia_haystack(min_chars=max(20_000, 16 * context_tokens), seed=unit_seed(seed, i))
+            prompts.append(build_needle_prompt(tokenizer, hay, *random_passkey(seed=unit_seed(seed, i)), depth=d,
+                                               context_tokens=context_tokens))
+    return prompts

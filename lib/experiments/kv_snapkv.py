@@ -1,80 +1,80 @@
 """Notebook ``kv-snapkv``: does putting the question inside the compressed context favour SnapKV's window scoring?
 
-Two analyses on a causal LM, prefill compression (:mod:`salience.harness.kv_prefill_compression`):
+SnapKV [@snapkv] scores the context by the attention of an observation window of the newest queries, pooled along
+the keys before the window. Two analyses on a causal LM, prefill compression (:mod:`salience.kv_passkey`,
+:mod:`salience.kv_tasks`; one uncompressed prefill per prompt or document serves every scorer, mode and budget):
 
-1. **Query-aware vs query-agnostic.** Passkey prompts built from Wikipedia haystacks. Query-agnostic: the context is
-   compressed alone and the question comes afterwards; query-aware: context + question are prefilled together, so
-   SnapKV's observation window *is* the question. Measured per budget: the share of the needle's cache entries kept
-   (``needle_kept``), the KL(full ∥ compressed) of the answer tokens' distributions (teacher-forced after the answer
-   prefix, against the uncompressed cache), and greedy passkey accuracy. The same two modes run for a scorer without
-   a window (normalized or accumulated attention) as the control.
-2. **Window and pooling sweeps** (query-agnostic, one budget): KL to the full cache of Wikipedia continuations for
-   SnapKV windows and pooling kernels (1 = no pooling, max vs avg).
+1. **Query-aware vs query-agnostic passkey retrieval.** Query-agnostic: the scorers read the context's own queries and
+   the question comes after compression; query-aware: the question's rows are scored too, so SnapKV's observation
+   window *is* the question (kept whole, outside the budget, in both SnapKV's and the control's caches). Per prompt
+   and budget: the teacher-forced log-probability of the passkey's tokens (the claim's metric), greedy accuracy and
+   the share of the needle's cache entries kept. The same two modes run for a control scorer without a window
+   (normalized attention). Uncompressed and oracle rows (needle kept) in both modes; a cell whose oracle fails is
+   unsolvable and left out of the claim.
+2. **Window and pooling sweeps** (query-agnostic, one budget, descriptive): KL to the full cache of Wikipedia
+   continuations for SnapKV windows and pooling kernels (1 = no pooling, max vs avg), means with 95% intervals over
+   the continuations.
+
+Claim parts (:func:`judge_claim`), each per prompt on the mean answer log-probability over the budgets solvable in
+both modes: query-aware SnapKV beats query-agnostic SnapKV; SnapKV's gain (aware − agnostic) exceeds the control's.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Literal
-
+import numpy as np
 import pandas as pd
-import torch
 from pydantic import Field, field_validator, model_validator
-from tqdm import tqdm  # text bars: stored notebooks stay readable without widgets
 
-from ..params import ModelName, NotebookParams
+from .. import kv_tasks
+from ..evidence import Claim, PartRule, PartSpec, check_part_rules, judge
+from ..kv_passkey import MODES
+from ..kv_tasks import BASELINE, ORACLE
 from ..scorers import get_scorer
+from ..scorers.spec import ScorerList, ScorerSpec, build_scorers
+from ..scorers.window_attention import WindowAttention
+from .kv_params import (BudgetRatios, PasskeyParams, check_protection_fits, check_windows_protected, mean_interval,
+                        not_judged, run_passkey)
+from .param_checks import check_labels
 
-TITLE = "SnapKV: query-aware vs query-agnostic compression, window and pooling (s93)"
+TITLE = "SnapKV: query-aware vs query-agnostic compression, window and pooling"
 CLAIM = (
     "Putting the question inside the compressed context favours SnapKV (its observation window then is the "
     "question): query-aware SnapKV keeps more of what the answer needs than query-agnostic SnapKV, and the gain is "
     "larger than for a scorer without a window."
 )
-ControlName = Literal["normalized_attention", "accumulated_attention"]
-MODES = {False: "query-agnostic", True: "query-aware"}
+PAPERS = ["snapkv", "zipcache", "kvpress"]
+AGNOSTIC, AWARE = MODES
+
+PART_SPECS = (
+    PartSpec("aware_beats_agnostic", "query-aware SnapKV keeps the passkey answer more likely than query-agnostic "
+             "SnapKV", "answer log-prob (nats/token, mean over solvable budgets)", "prompt", papers=("snapkv",)),
+    PartSpec("gain_exceeds_control", "SnapKV's query-aware gain exceeds the control scorer's",
+             "query-aware gain in answer log-prob (nats/token)", "prompt", papers=("snapkv",)),
+)
 
 
-class Params(NotebookParams):
-    """Parameters of ``kv-snapkv`` (defaults: the CPU run, about two minutes on 2 cores)."""
+class Params(PasskeyParams):
+    """Parameters of ``kv-snapkv``; defaults in ``params/kv-snapkv.yaml``."""
 
     notebook = "kv-snapkv"
 
-    model: ModelName = Field("smollm2-135m", description="embedded model name, local folder or Hugging Face id")
-    context_tokens: int = Field(128, ge=64, le=32768, description="haystack / continuation-context tokens")
-    depths: list[float] = Field([0.2, 0.4, 0.6, 0.8], min_length=1, description="needle depths in [0, 1]")
-    n_passkeys: int = Field(1, ge=1, le=64, description="passkeys (seeds) per depth")
-    budgets: list[float] = Field([0.25, 0.5], min_length=1, description="kept-cache ratios of the context, in (0, 1]")
-    window: int = Field(16, ge=1, le=4096, description="SnapKV observation window of part 1")
-    kernel_size: int = Field(5, ge=1, le=63, description="SnapKV pooling kernel of part 1 (odd; 1 = no pooling)")
-    pooling: Literal["max", "avg"] = "avg"
-    control_scorer: ControlName = "normalized_attention"
-    n_sink: int = Field(4, ge=0, le=1024, description="first context tokens every scorer keeps")
-    recent_window: int = Field(8, ge=0, le=4096, description="last context tokens every scorer keeps")
-    answer_prefix: str = Field("The secret passkey is", description="fed after compression in both modes")
-    max_new_tokens: int = Field(7, ge=1, le=64, description="greedy answer length")
-    sweep_budget: float = Field(0.25, gt=0.0, le=1.0, description="budget of the window and pooling sweeps")
-    windows: list[int] = Field([4, 8, 16, 32], min_length=1, description="SnapKV windows swept")
-    kernel_sizes: list[int] = Field([1, 3, 5, 7], min_length=1, description="pooling kernels swept (odd)")
-    poolings: list[Literal["max", "avg"]] = Field(["max", "avg"], min_length=1)
-    n_continuations: int = Field(1, ge=1, le=256, description="Wikipedia continuations of the sweeps")
-    continuation_tokens: int = Field(32, ge=2, le=4096, description="tokens per continuation")
+    scorers: ScorerList = Field(min_length=2, description="SnapKV and the control, one spec each")
+    snapkv: str = Field(description="label of the SnapKV entry (its settings are the sweeps' centre)")
+    control: str = Field(description="label of the control scorer without an observation window")
+    context_tokens: int = Field(ge=64, le=32768, description="haystack / continuation-context tokens")
+    budgets: BudgetRatios = Field(description="kept-cache ratios of the context for the passkey comparison")
+    sweep_budget: float = Field(gt=0.0, lt=1.0, description="budget of the window and pooling sweeps")
+    windows: list[int] = Field(min_length=1, description="SnapKV windows swept (at the entry's kernel and pooling)")
+    kernel_sizes: list[int] = Field(min_length=1, description="pooling kernels swept (odd; at the entry's window)")
+    poolings: list[str] = Field(min_length=1, description="pooling kinds swept: max, avg")
+    n_continuations: int = Field(ge=2, le=256, description="Wikipedia continuations of the sweeps")
+    continuation_tokens: int = Field(ge=2, le=4096, description="tokens per continuation")
+    parts: dict[str, PartRule] = Field(description="direction and smallest effect of each claim part")
 
-    @field_validator("budgets")
+    @field_validator("parts")
     @classmethod
-    def _ratios(cls, budgets: list[float]) -> list[float]:
-        bad = [b for b in budgets if not 0.0 < b <= 1.0]
-        if bad:
-            raise ValueError(f"every budget must be a ratio in (0, 1], got {bad}")
-        return sorted(set(budgets))
-
-    @field_validator("depths")
-    @classmethod
-    def _depths(cls, depths: list[float]) -> list[float]:
-        bad = [d for d in depths if not 0.0 <= d <= 1.0]
-        if bad:
-            raise ValueError(f"every depth must be in [0, 1], got {bad}")
-        return depths
+    def _parts(cls, parts: dict[str, PartRule]) -> dict[str, PartRule]:
+        return check_part_rules(parts, PART_SPECS)
 
     @field_validator("kernel_sizes")
     @classmethod
@@ -84,262 +84,192 @@ class Params(NotebookParams):
             raise ValueError(f"every kernel size must be an odd integer >= 1, got {bad}")
         return kernels
 
+    @field_validator("poolings")
+    @classmethod
+    def _poolings(cls, poolings: list[str]) -> list[str]:
+        bad = [p for p in poolings if p not in ("max", "avg")]
+        if bad:
+            raise ValueError(f"poolings must be max or avg, got {bad}")
+        return poolings
+
     @model_validator(mode="after")
     def _fits_the_context(self) -> "Params":
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (1 = no pooling), got {self.kernel_size}")
-        longest = max([self.window, *self.windows])
-        if longest > self.context_tokens:
-            raise ValueError(f"SnapKV window {longest} is longer than the context ({self.context_tokens} tokens): "
-                             f"use windows in [1, {self.context_tokens}]")
-        # haystacks end at a sentence, so a needle context holds at least ~0.9 x context_tokens tokens
-        smallest = int(math.ceil(min([*self.budgets, self.sweep_budget]) * 0.9 * self.context_tokens))
-        if self.n_sink + self.recent_window > smallest:
-            raise ValueError(f"the smallest budget ({smallest} tokens of ~0.9 x {self.context_tokens}) must hold "
-                             f"n_sink + recent_window = {self.n_sink + self.recent_window} protected tokens")
+        check_labels([self.snapkv, self.control], self.scorers, "snapkv and control")
+        built = build_scorers(self.scorers)
+        if not isinstance(built[self.snapkv], WindowAttention):
+            raise ValueError(f"snapkv {self.snapkv!r} must be a snapkv entry")
+        if isinstance(built[self.control], WindowAttention):
+            raise ValueError(f"control {self.control!r} must be a scorer without an observation window")
+        check_windows_protected(self.scorers, self.recent_window)
+        longest = max([built[self.snapkv].window, *self.windows])
+        if longest > self.context_tokens // 2:
+            raise ValueError(f"SnapKV window {longest} must be at most half the context ({self.context_tokens // 2})")
+        check_protection_fits([*self.budgets, self.sweep_budget], self.context_tokens, self.n_sink,
+                              self.recent_window, passkey=True)
         return self
 
 
-def snapkv(params: Params, window: int | None = None, kernel_size: int | None = None, pooling: str | None = None):
-    return get_scorer("snapkv", window=params.window if window is None else window,
-                      kernel_size=params.kernel_size if kernel_size is None else kernel_size,
-                      pooling=params.pooling if pooling is None else pooling)
+def snapkv_spec(params: Params) -> ScorerSpec:
+    return next(s for s in params.scorers if s.key == params.snapkv)
 
 
-def needle_prompts(params: Params, tokenizer):
-    """``n_passkeys`` seeded passkeys at every depth, planted in Wikipedia prose of ``context_tokens`` tokens."""
-    from ..data import build_needle_prompt, random_passkey, wikipedia_haystack
-
-    hay = wikipedia_haystack(min_chars=max(20_000, 16 * params.context_tokens), seed=params.seed)
-    return [build_needle_prompt(tokenizer, hay, *random_passkey(seed=params.seed * 1000 + s), depth=d,
-                                context_tokens=params.context_tokens)
-            for s in range(params.n_passkeys) for d in params.depths]
+def passkey_runs(model, tokenizer, params: Params) -> pd.DataFrame:
+    """Every prompt × mode × (uncompressed, oracle, entry × budget): :func:`salience.kv_passkey.passkey_runs` on the
+    parameters (the notebook calls this one by this name)."""
+    return run_passkey(model, tokenizer, params, build_scorers(params.scorers), params.budgets,
+                       params.context_tokens)
 
 
-def _answer_kl(logits: torch.Tensor, ref_logp: torch.Tensor) -> float:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp(min=0.0).mean())
+def mode_table(runs: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """Per entry (uncompressed and oracle first), budget and mode: mean answer log-prob, answer KL, greedy
+    accuracy and needle kept over the prompts with numbers (``prompts``: an oracle that does not fit a prompt's
+    budget has none), and whether the cell is solvable."""
+    solvable = cells.set_index(["mode", "budget"]).solvable
+    g = runs.groupby(["scorer", "budget", "mode"], sort=False)
+    table = g.agg(answer_logprob=("answer_logprob", "mean"), answer_kl=("answer_kl", "mean"),
+                  accuracy=("greedy_correct", lambda x: x.astype(float).mean()),
+                  needle_kept=("needle_kept", "mean"), prompts=("answer_logprob", "count")).reset_index()
+    table["solvable"] = [True if s == BASELINE else bool(solvable.get((m, b), False))
+                         for s, m, b in zip(table.scorer, table["mode"], table.budget)]
+    return table
 
 
-@torch.inference_mode()
-def query_mode_comparison(model, tokenizer, prompts, params: Params) -> pd.DataFrame:
-    """Every prompt × mode × scorer × budget, one compression each; plus one uncompressed row per prompt.
-
-    Columns: prompt, depth, context_len, question_len, mode, scorer, budget, budget_tokens, needle_kept (share of
-    (layer, KV head, needle token) entries kept), answer_kl (mean KL(full ∥ compressed) over the answer's tokens,
-    teacher-forced after the answer prefix; nats), correct (greedy answer contains the passkey), generated.
-    """
-    from ..harness.kv_prefill_compression import (_eos_ids, compress_prefill, continuation_logits, full_prefill,
-                                                  greedy_tokens)
-    from ..kv_tasks import needle_inputs
-
-    device = next(model.parameters()).device
-    eos = _eos_ids(model, tokenizer)
-    scorers = {"snapkv": snapkv(params), params.control_scorer: get_scorer(params.control_scorer)}
-    rows, jobs = [], []
-    for k, p in enumerate(prompts):
-        x = needle_inputs(tokenizer, p, answer_prefix=params.answer_prefix)
-        answer = torch.tensor(tokenizer(" " + p.answer, add_special_tokens=False)["input_ids"])[None]
-        jobs.append((k, p, x, answer.to(device)))
-    total = len(jobs) * len(MODES) * len(scorers) * len(params.budgets)
-    bar = tqdm(total=total, desc="needle: prompts x modes x scorers x budgets")
-    for k, p, x, answer in jobs:
-        ctx, question = x.context_ids.to(device), x.question_ids.to(device)
-        prefix = x.answer_prefix_ids.to(device) if x.answer_prefix_ids is not None else question[:, :0]
-        n_ans = answer.shape[1]
-        teacher = torch.cat([prefix, answer[:, :-1]], dim=1)  # rows predicting the answer tokens: the last n_ans
-        base = dict(prompt=k, depth=round(p.depth, 3), context_len=ctx.shape[1], question_len=question.shape[1],
-                    answer=p.answer)
-        full = full_prefill(model, ctx, question)
-        ref_logp = torch.log_softmax(continuation_logits(model, full, teacher)[0, -n_ans:], dim=-1)
-        text = tokenizer.decode(greedy_tokens(model, full, prefix, params.max_new_tokens, eos),
-                                skip_special_tokens=True)
-        rows.append(dict(base, mode="uncompressed", scorer="uncompressed", budget=1.0, budget_tokens=ctx.shape[1],
-                         needle_kept=1.0, answer_kl=0.0, correct=p.answer in text, generated=text))
-        for aware, mode in MODES.items():
-            feed = prefix if aware else torch.cat([question, prefix], dim=1)
-            fed = teacher if aware else torch.cat([question, teacher], dim=1)
-            for name, scorer in scorers.items():
-                for b in params.budgets:
-                    c = compress_prefill(model, ctx, scorer, b, question_ids=question if aware else None,
-                                         query_aware=aware, n_sink=params.n_sink, recent_window=params.recent_window)
-                    kl = _answer_kl(continuation_logits(model, c, fed)[0, -n_ans:], ref_logp)
-                    text = tokenizer.decode(greedy_tokens(model, c, feed, params.max_new_tokens, eos),
-                                            skip_special_tokens=True)
-                    rows.append(dict(base, mode=mode, scorer=name, budget=b, budget_tokens=c.budget_tokens,
-                                     needle_kept=float(c.span_kept(*x.needle_span).mean()), answer_kl=kl,
-                                     correct=p.answer in text, generated=text))
-                    bar.update()
-    bar.close()
-    return pd.DataFrame(rows)
+def per_prompt(runs: pd.DataFrame, cells: pd.DataFrame, label: str) -> pd.DataFrame:
+    """Prompts × modes: ``label``'s answer log-prob averaged over the budgets solvable in both modes."""
+    sel = runs[(runs.scorer == label) & runs.budget.isin(solvable_budgets(cells))]
+    return sel.pivot_table(index="prompt", columns="mode", values="answer_logprob", aggfunc="mean")
 
 
-def mode_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per scorer and budget: mean needle_kept, answer KL and accuracy in each mode, and the query-aware gains
-    (``kept_gain`` = aware − agnostic, ``kl_gain`` = agnostic − aware; positive favours query-aware)."""
-    r = runs[runs.scorer != "uncompressed"]
-    wide = r.pivot_table(index=["scorer", "budget"], columns="mode",
-                         values=["needle_kept", "answer_kl", "correct"], aggfunc="mean")
-    out = pd.DataFrame(index=wide.index)
-    for metric, short in (("needle_kept", "kept"), ("answer_kl", "kl"), ("correct", "acc")):
-        out[f"{short}_agnostic"] = wide[(metric, "query-agnostic")]
-        out[f"{short}_aware"] = wide[(metric, "query-aware")]
-    out["kept_gain"] = out.kept_aware - out.kept_agnostic
-    out["kl_gain"] = out.kl_agnostic - out.kl_aware
-    return out.reset_index()
+def solvable_budgets(cells: pd.DataFrame) -> list[float]:
+    """The budgets whose cells are solvable in both modes."""
+    ok = cells[cells.solvable].groupby("budget")["mode"].nunique()
+    return [float(b) for b in ok[ok == len(MODES)].index]
 
 
-def sweep_configs(params: Params) -> dict[str, object]:
-    """Window sweep (at the part-1 kernel and pooling) and pooling sweep (at the part-1 window), deduplicated."""
+def judge_claim(runs: pd.DataFrame, cells: pd.DataFrame, params: Params) -> Claim:
+    """Both parts per prompt on the mean answer log-prob over the budgets solvable in both modes."""
+    budgets = solvable_budgets(cells)
+    specs = dict((s.id, s) for s in PART_SPECS)
+    rules = params.parts
+    if not budgets:
+        reason = "no budget is solvable in both modes (the oracle failed)"
+        parts = [not_judged(s, rules[s.id], reason) for s in PART_SPECS]
+    else:
+        snap, ctrl = per_prompt(runs, cells, params.snapkv), per_prompt(runs, cells, params.control)
+        on = f"budgets {', '.join(f'{b:g}' for b in budgets)}"
+        parts = [judge(specs["aware_beats_agnostic"], rules["aware_beats_agnostic"], snap[AWARE], snap[AGNOSTIC],
+                       seed=params.seed, detail=f"{params.snapkv}, query-aware against query-agnostic, {on}"),
+                 judge(specs["gain_exceeds_control"], rules["gain_exceeds_control"], snap[AWARE] - snap[AGNOSTIC],
+                       ctrl[AWARE] - ctrl[AGNOSTIC], seed=params.seed,
+                       detail=f"gain of {params.snapkv} against the gain of {params.control}, {on}")]
+    spec = snapkv_spec(params).build()
+    unsolvable = cells[~cells.solvable]
+    notes = [("Unsolvable passkey cells (left out): " + "; ".join(f"{r.mode} @ {r.budget:g}"
+                                                                  for r in unsolvable.itertuples()) + "."
+              if len(unsolvable) else "Every passkey cell is solvable."),
+             "The window and pooling sweeps describe SnapKV's settings and do not enter the verdict."]
+    setting = (f"{params.model} on {params.device} (the paper: 7B-class models, LongBench); {params.n_prompts} "
+               f"passkey prompts of ~{params.context_tokens} tokens, each in its own Wikipedia haystack; SnapKV window "
+               f"{spec.window}, kernel {spec.kernel_size} {spec.pooling}, pooling only the keys before the window as "
+               f"the reference code does; every scorer keeps {params.n_sink} sinks and the last "
+               f"{params.recent_window} context tokens; in query-aware mode the question is prefilled with the "
+               "context and kept outside the budget, so both modes keep the same number of context entries. "
+               "The metric is the teacher-forced log-probability of the passkey tokens after the answer prefix.")
+    return Claim(notebook=params.notebook, title=TITLE, statement=CLAIM, papers=PAPERS, parts=parts,
+                 setting=setting, notes=notes, seed=params.seed)
+
+
+def sweep_configs(params: Params) -> dict[str, dict]:
+    """Window sweep (at the entry's kernel and pooling) and pooling sweep (at its window): ``{label: settings}``."""
+    base = snapkv_spec(params).options
+    entry = snapkv_spec(params).build()  # the entry's settings, its scorer's defaults where the YAML gives none
+    window, kernel, pooling = entry.window, entry.kernel_size, entry.pooling
     configs = {}
     for w in params.windows:
-        configs[f"w{w} k{params.kernel_size} {params.pooling}"] = (w, params.kernel_size, params.pooling)
+        configs[f"w{w} k{kernel} {pooling}"] = {**base, "window": w}
     for k in params.kernel_sizes:
         for pool in (["none"] if k == 1 else params.poolings):
-            configs[f"w{params.window} k{k} {pool}"] = (params.window, k, "avg" if pool == "none" else pool)
+            configs[f"w{window} k{k} {pool}"] = {**base, "kernel_size": k, "pooling": "avg" if pool == "none" else pool}
     return configs
 
 
 def window_pooling_sweep(model, tokenizer, params: Params) -> pd.DataFrame:
     """KL to the full cache of Wikipedia continuations (query-agnostic) for every sweep configuration at
-    ``sweep_budget``. Columns: sample, config, window, kernel_size, pooling, kl_mean, nll, top1_agreement."""
-    from ..kv_tasks import continuation_metrics, wikipedia_continuations
-
-    device = next(model.parameters()).device
-    pairs = wikipedia_continuations(tokenizer, n=params.n_continuations, context_tokens=params.context_tokens,
-                                    continuation_tokens=params.continuation_tokens, seed=params.seed)
+    ``sweep_budget``, with the uncompressed and oracle rows (:func:`salience.kv_tasks.continuation_runs`)."""
+    pairs = kv_tasks.wikipedia_continuations(tokenizer, n=params.n_continuations, context_tokens=params.context_tokens,
+                                             continuation_tokens=params.continuation_tokens, seed=params.seed)
     configs = sweep_configs(params)
-    scorers = {label: snapkv(params, w, k, pool) for label, (w, k, pool) in configs.items()}
-    frames = []
-    for i, (ctx, cont) in enumerate(tqdm(pairs, desc="sweep: continuations")):
-        df = continuation_metrics(model, ctx.to(device), cont.to(device), scorers, params.sweep_budget,
-                                  n_sink=params.n_sink, recent_window=params.recent_window)
-        frames.append(df.assign(sample=i))
-    df = pd.concat(frames, ignore_index=True)
-    df = df[df.scorer != "uncompressed"].rename(columns={"scorer": "config"})
-    df["window"] = df.config.map(lambda c: configs[c][0])
-    df["kernel_size"] = df.config.map(lambda c: configs[c][1])
-    df["pooling"] = df.config.map(lambda c: "none" if configs[c][1] == 1 else configs[c][2])
-    return df[["sample", "config", "window", "kernel_size", "pooling", "budget_tokens", "kl_mean", "nll",
-               "top1_agreement"]].reset_index(drop=True)
+    scorers = {label: get_scorer("snapkv", **settings) for label, settings in configs.items()}
+    df = kv_tasks.continuation_runs(model, pairs, scorers, params.sweep_budget, head_mode=params.head_mode,
+                                    n_sink=params.n_sink, recent_window=params.recent_window, seed=params.seed,
+                                    batch_size=params.batch_size)
+    df = df.rename(columns={"scorer": "config"})
+    df["window"] = df.config.map(lambda c: configs[c]["window"] if c in configs else np.nan)
+    df["kernel_size"] = df.config.map(lambda c: configs[c]["kernel_size"] if c in configs else np.nan)
+    df["pooling"] = df.config.map(lambda c: ("none" if configs[c]["kernel_size"] == 1 else configs[c]["pooling"])
+                                  if c in configs else "")
+    return df
 
 
-def sweep_summary(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Mean over continuations per configuration, lowest KL first."""
-    g = sweep.groupby(["config", "window", "kernel_size", "pooling"], sort=False)[["kl_mean", "top1_agreement"]]
-    return g.mean().reset_index().sort_values("kl_mean", kind="stable").reset_index(drop=True)
+def sweep_summary(sweep: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Per configuration (uncompressed and oracle first): mean KL over continuations with its 95% bootstrap
+    interval, and mean top-1 agreement; configurations by mean KL."""
+    rows = []
+    for config, g in sweep.groupby("config", sort=False):
+        kl, low, high = mean_interval(g.kl_mean, seed)
+        rows.append({"config": config, "window": g.window.iloc[0], "kernel_size": g.kernel_size.iloc[0],
+                     "pooling": g.pooling.iloc[0], "kl_mean": kl, "kl_lo": low, "kl_hi": high,
+                     "top1_agreement": float(g.top1_agreement.mean()), "n": len(g)})
+    out = pd.DataFrame(rows)
+    refs = out[out.config.isin([BASELINE, ORACLE])]
+    return pd.concat([refs, out[~out.config.isin([BASELINE, ORACLE])].sort_values("kl_mean", kind="stable")],
+                     ignore_index=True)
 
 
-def verdict(summary: pd.DataFrame, sweep: pd.DataFrame, params: Params) -> tuple[str, str, str]:
-    """The claim's verdict, computed from this run's numbers. Returns ``(label, one-line summary, Findings markdown)``.
-
-    Per budget, means over prompts. "Query-aware SnapKV is better at a budget" means: its mean ``needle_kept`` is
-    higher **and** its mean answer KL to the full cache is lower than query-agnostic SnapKV's.
-
-    1. Part 1 (query-aware helps SnapKV): query-aware SnapKV is better at **every** budget.
-    2. Part 2 (the gain is specific to window scoring): SnapKV's needle_kept gain (aware − agnostic, averaged over
-       budgets) exceeds the control scorer's **and** SnapKV's KL gain (agnostic − aware, averaged over budgets)
-       exceeds the control's.
-
-    Both parts hold: supported. Part 1 holds, part 2 not: partly supported. Query-aware SnapKV is better at no
-    budget: not supported. Better at some budgets only: inconclusive.
-    """
-    snap = summary[summary.scorer == "snapkv"].set_index("budget")
-    ctrl = summary[summary.scorer == params.control_scorer].set_index("budget")
-    better = (snap.kept_gain > 0) & (snap.kl_gain > 0)
-    part1 = bool(better.all())
-    kept_margin = float(snap.kept_gain.mean() - ctrl.kept_gain.mean())
-    kl_margin = float(snap.kl_gain.mean() - ctrl.kl_gain.mean())
-    part2 = kept_margin > 0 and kl_margin > 0
-    if part1 and part2:
-        label = "supported"
-    elif part1:
-        label = "partly supported"
-    elif not better.any():
-        label = "not supported"
-    else:
-        label = "inconclusive"
-
-    n_prompts = params.n_passkeys * len(params.depths)
-    summary_line = (f"query-aware SnapKV better (needle kept and answer KL) at {int(better.sum())}/{len(better)} "
-                    f"budgets; mean needle-kept gain {snap.kept_gain.mean():+.3f} (SnapKV) vs "
-                    f"{ctrl.kept_gain.mean():+.3f} ({params.control_scorer})")
-    per_budget = "\n".join(
-        f"| {b:g} | {s.kept_agnostic:.3f} → {s.kept_aware:.3f} | {s.kl_agnostic:.3f} → {s.kl_aware:.3f} | "
-        f"{s.acc_agnostic:.0%} → {s.acc_aware:.0%} | {c.kept_agnostic:.3f} → {c.kept_aware:.3f} | "
-        f"{c.kl_agnostic:.3f} → {c.kl_aware:.3f} | {c.acc_agnostic:.0%} → {c.acc_aware:.0%} |"
-        for (b, s), (_, c) in zip(snap.iterrows(), ctrl.iterrows()))
-    sw = sweep_summary(sweep)
-    win = sw[sw.config.str.endswith(f"k{params.kernel_size} {params.pooling}")].sort_values("window")
-    win_text = ", ".join(f"w={int(r.window)}: {r.kl_mean:.3f}" for r in win.itertuples())
-    pool = sw[sw.window == params.window].sort_values(["kernel_size", "pooling"])
-    pool_text = ", ".join(f"k={int(r.kernel_size)} {r.pooling}: {r.kl_mean:.3f}" for r in pool.itertuples())
-    best = sw.iloc[0]
-    findings = f"""### Findings
-
-**Verdict: {label}.** Computed from this run ({params.model}, {n_prompts} passkey prompt(s) in Wikipedia haystacks of
-~{params.context_tokens} tokens, budgets {", ".join(f"{b:g}" for b in params.budgets)} of the context, SnapKV window
-{params.window}, kernel {params.kernel_size} {params.pooling}; every scorer keeps {params.n_sink} sinks and the last
-{params.recent_window} context tokens; seed {params.seed}). In query-aware mode the question is prefilled with the
-context and kept outside the budget, so both modes keep the same number of context entries.
-
-Per budget, query-agnostic → query-aware (means over prompts; answer KL in nats, lower is better):
-
-| budget | SnapKV needle kept | SnapKV answer KL | SnapKV accuracy | control needle kept | control answer KL | control accuracy |
-|---|---|---|---|---|---|---|
-{per_budget}
-
-1. **Query-aware helps SnapKV** (higher needle kept and lower answer KL at every budget) — {"holds" if part1 else "does not hold"}
-   ({int(better.sum())}/{len(better)} budgets).
-2. **The gain is larger than for {params.control_scorer}** (both mean gains larger) — {"holds" if part2 else "does not hold"}:
-   needle-kept gain {snap.kept_gain.mean():+.3f} vs {ctrl.kept_gain.mean():+.3f}; answer-KL gain
-   {snap.kl_gain.mean():+.3f} vs {ctrl.kl_gain.mean():+.3f} nats.
-
-**Window and pooling sweeps** (query-agnostic, budget {params.sweep_budget:g}, {params.n_continuations} Wikipedia
-continuation(s) of {params.continuation_tokens} tokens; mean KL to the full cache, nats): windows ({params.kernel_size}
-{params.pooling}) {win_text}; pooling (window {params.window}) {pool_text}. Lowest KL: {best.config} ({best.kl_mean:.3f}).
-The sweeps describe SnapKV's settings and do not enter the verdict.
-"""
-    if n_prompts < 8:
-        findings += (f"\nWith {n_prompts} prompt(s) these means carry no confidence interval worth the name and "
-                     "accuracy moves in steps of a whole prompt; the GPU parameter set runs 40 prompts of 1024 "
-                     "tokens.\n")
-    return label, summary_line, findings
-
-
-def plot_modes(summary: pd.DataFrame):
+def plot_modes(table: pd.DataFrame, params: Params):
+    """Answer log-prob and needle kept vs budget, per entry and mode (solvable cells filled, others hollow)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for scorer, g in summary.groupby("scorer", sort=False):
-        for mode, ls in (("agnostic", "--"), ("aware", "-")):
-            axes[0].plot(g.budget, g[f"kept_{mode}"], ls, marker="o", label=f"{scorer}, query-{mode}")
-            axes[1].plot(g.budget, g[f"kl_{mode}"], ls, marker="o", label=f"{scorer}, query-{mode}")
-    axes[0].set(xlabel="KV budget (share of the context)", ylabel="needle entries kept (share)",
-                title="Needle kept")
-    axes[1].set(xlabel="KV budget (share of the context)", ylabel="answer KL to full cache (nats)",
-                title="Answer-token KL")
-    axes[1].legend(frameon=False, fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    rows = table[table.scorer != BASELINE]
+    for (label, mode), g in rows.groupby(["scorer", "mode"], sort=False):
+        style = "-" if mode == AWARE else "--"
+        for ax, col in zip(axes, ("answer_logprob", "needle_kept")):
+            line, = ax.plot(g.budget, g[col], style, label=f"{label}, {mode}")
+            ax.scatter(g.budget, g[col], color=line.get_color(),
+                       facecolors=[line.get_color() if s else "none" for s in g.solvable])
+    base = float(table[table.scorer == BASELINE].answer_logprob.mean())
+    axes[0].axhline(base, color="k", lw=0.8, ls=":", label="uncompressed")
+    axes[0].set(xlabel="KV budget (share of the context)", ylabel="answer log-prob (nats/token)",
+                title="Passkey answer log-probability")
+    axes[1].set(xlabel="KV budget (share of the context)", ylabel="needle entries kept (share)", title="Needle kept")
+    axes[0].legend(frameon=False, fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def plot_sweep(sweep: pd.DataFrame, params: Params):
+def plot_sweep(summary: pd.DataFrame, params: Params):
+    """Mean KL with 95% intervals: the window sweep and the pooling sweep."""
     import matplotlib.pyplot as plt
 
-    sw = sweep_summary(sweep)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    win = sw[sw.config.str.endswith(f"k{params.kernel_size} {params.pooling}")].sort_values("window")
-    axes[0].plot(win.window, win.kl_mean, marker="o")
+    spec = snapkv_spec(params).build()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    configs = summary[~summary.config.isin([BASELINE, ORACLE])]
+    win = configs[configs.config.str.endswith(f"k{spec.kernel_size} {spec.pooling}")].sort_values("window")
+    axes[0].errorbar(win.window, win.kl_mean, yerr=[win.kl_mean - win.kl_lo, win.kl_hi - win.kl_mean], marker="o",
+                     capsize=3)
     axes[0].set_xscale("log", base=2)
     axes[0].set(xlabel="observation window", ylabel="KL to full cache (nats)",
-                title=f"Window (kernel {params.kernel_size} {params.pooling})")
-    pool = sw[sw.window == params.window]
-    for name in ["none", *params.poolings]:
-        g = pool[(pool.pooling == name) | ((pool.kernel_size == 1) & (name != "none"))].sort_values("kernel_size")
-        if len(g):
-            axes[1].plot(g.kernel_size, g.kl_mean, marker="o", label=name if name != "none" else "no pooling")
-    axes[1].set(xlabel="pooling kernel", ylabel="KL to full cache (nats)", title=f"Pooling (window {params.window})")
-    axes[1].legend(frameon=False)
+                title=f"Window (kernel {spec.kernel_size} {spec.pooling})")
+    pool = configs[configs.window == spec.window].sort_values(["pooling", "kernel_size"])
+    axes[1].errorbar(range(len(pool)), pool.kl_mean, yerr=[pool.kl_mean - pool.kl_lo, pool.kl_hi - pool.kl_mean],
+                     fmt="o", capsize=3)
+    axes[1].set_xticks(range(len(pool)), pool.config, rotation=45, ha="right")
+    axes[1].set(ylabel="KL to full cache (nats)", title=f"Pooling (window {spec.window})")
+    oracle = summary[summary.config == ORACLE].kl_mean
+    for ax in axes:
+        if len(oracle):
+            ax.axhline(float(oracle.iloc[0]), color="C2", lw=0.8, ls=":", label="oracle")
+    axes[0].legend(frameon=False)
     fig.tight_layout()
     return fig

@@ -1,221 +1,243 @@
 """Notebook ``kv-value-aware``: do value vectors make better eviction scores than attention alone?
 
-Two analyses on a causal LM, prefill compression of Wikipedia contexts (query-agnostic, one kept set per KV head):
+Prefill compression of Wikipedia contexts (query-agnostic, one kept set per KV head). Per document **one**
+uncompressed forward pass of context + continuation (:func:`salience.kv_tasks.continuation_runs`) captures every
+layer's attention, keys and values; every scorer ranks the context keys from the context's own rows; and
 
-1. **Attention-output reconstruction, per layer.** One prefill of context + continuation with every layer's attention,
-   keys and values captured. Each scorer ranks the context keys from the context's own attention (what
-   :func:`~salience.harness.compress_prefill` sees), the budget is selected exactly as the harness selects it, and the
-   continuation's queries are attended over the kept context keys (plus the continuation's own keys) instead of all
-   of them. Reported: the relative error ``‖o_kept − o_full‖ / ‖o_full‖`` of the attention output (all heads
-   concatenated), per layer and budget, averaged over the continuation's queries. Each layer is measured in
-   isolation: its queries, keys and values are the full model's.
-2. **Perplexity and KL to the full cache** of the continuation fed on the really compressed cache
-   (:func:`salience.kv_tasks.continuation_metrics`), where the errors of all layers compound.
+1. **attention-output error, per layer**: the continuation's queries are attended over the kept context keys (plus
+   the continuation's own keys) instead of all of them: the relative error ``‖o_kept − o_full‖ / ‖o_full‖`` of the
+   attention output (all heads concatenated), averaged over the continuation's queries. Each layer is measured in
+   isolation (its queries, keys and values are the full model's), from the same captured pass;
+2. **KL to the full cache** of the continuation fed on the really compressed cache, where the errors of all layers
+   compound (the compressed caches are gathered from the same pass's cache and fed in batches).
 
-Value-aware scorers: VATP (accumulated attention × ‖v‖₁, s184) and CAOTE (attention-output error of evicting a
-key, s223). Their attention-only counterparts: accumulated attention (H2O) for VATP, window attention (SnapKV's score
-without pooling, the same last queries CAOTE reads) for CAOTE; normalized attention (ZipCache) and random as context.
+Value-aware scorers: VATP [@vatp] (accumulated attention × ‖v‖₁) and CAOTE [@caote] (the attention-output error of
+evicting a key). Their attention-only counterparts: accumulated attention (H2O [@h2o]) for VATP, window attention
+(SnapKV's score without pooling over the same last queries CAOTE reads [@snapkv]) for CAOTE. Normalized attention
+(ZipCache [@zipcache]) and random are context; the uncompressed and oracle rows (the continuation's own attention)
+frame every table. The window's own keys are protected for every scorer (``recent_window ≥ window``), so window
+attention's window and CAOTE's are kept alike.
+
+Claim parts (:func:`judge_claim`), each paired over documents, on the per-document mean over budgets (and, for the
+output error, over layers): each value-aware scorer against its attention-only counterpart, output error and KL.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
+import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field, field_validator, model_validator
-from tqdm import tqdm  # text bars: stored notebooks stay readable without widgets
 
-from ..harness import capture_attention
-from ..params import ModelName, NotebookParams
-from ..scorers import AttentionView, Scorer, get_scorer
-from ..selection import protected_mask, reduce_to_kv_heads, resolve_budget, select_topk
+from ..evidence import Claim, PartRule, PartSpec, check_part_rules, fmt_interval, judge
+from ..harness.kv_prefill import SharedPrefill
+from ..harness.kv_prefill_compression import context_protection, select_kept
+from ..kv_tasks import BASELINE, ORACLE, continuation_runs, wikipedia_continuations
+from ..scorers.spec import ScorerList, build_scorers
+from ..selection import resolve_budget
+from .kv_params import BudgetRatios, KVParams, check_protection_fits, check_windows_protected, mean_interval
+from .param_checks import check_labels
 
-TITLE = "Value-aware eviction: VATP (s184) and CAOTE (s223) vs attention-only scores"
+TITLE = "Value-aware eviction: VATP and CAOTE vs the attention-only scores they build on"
 CLAIM = (
     "Attention weights alone miss what the values carry: scoring cached tokens by attention × value norm (VATP) or "
     "by the attention-output error of evicting them (CAOTE) keeps a cache whose attention output is closer to the "
-    "full cache's, layer by layer, and whose continuation stays closer to the full model (lower KL and perplexity), "
-    "than the attention-only score each builds on, at the same budget."
+    "full cache's, layer by layer, and whose continuation stays closer to the full model (lower KL), than the "
+    "attention-only score each builds on, at the same budget."
 )
-ScorerName = Literal["accumulated_attention", "vatp", "window_attention", "caote", "normalized_attention", "random"]
-SCORERS = ("accumulated_attention", "vatp", "window_attention", "caote", "normalized_attention", "random")
-#: value-aware scorer → the attention-only score it builds on
-PAIRS = {"vatp": "accumulated_attention", "caote": "window_attention"}
-LABELS = {
-    "uncompressed": "full cache",
-    "accumulated_attention": "accumulated attention (H2O)",
-    "vatp": "VATP (attention × ‖v‖₁)",
-    "window_attention": "window attention (last queries)",
-    "caote": "CAOTE (output error, last queries)",
-    "normalized_attention": "normalized attention (ZipCache)",
-    "random": "random",
-}
+PAPERS = ["vatp", "caote", "h2o", "snapkv", "zipcache"]
+#: the claim's pairs: value-aware role → (the papers it tests, the attention-only role it builds on)
+PAIR_PAPERS = {"vatp": ("vatp", "h2o"), "caote": ("caote", "snapkv")}
+ERROR, KL = "output_error", "kl"
+LOWER = {ERROR: "lower attention-output error", KL: "lower continuation KL"}
+
+PART_SPECS = tuple(
+    PartSpec(f"{role}_{what}", f"{role.upper()} keeps a {LOWER[what]} than the attention-only score it builds on",
+             "relative attention-output error (mean over layers and budgets)" if what == ERROR
+             else "KL(full ∥ compressed) of the continuation (nats, mean over budgets)",
+             "document", higher_is_better=False, papers=PAIR_PAPERS[role])
+    for role in PAIR_PAPERS for what in (ERROR, KL))
 
 
-class Params(NotebookParams):
-    """Parameters of ``kv-value-aware`` (defaults: the CPU run, about two minutes on 2 cores)."""
+class Params(KVParams):
+    """Parameters of ``kv-value-aware``; defaults in ``params/kv-value-aware.yaml``."""
 
     notebook = "kv-value-aware"
 
-    model: ModelName = Field("smollm2-135m", description="embedded model name, local folder or Hugging Face id")
-    n_documents: int = Field(2, ge=1, le=256, description="Wikipedia (context, continuation) pairs")
-    context_tokens: int = Field(256, ge=32, le=32768, description="tokens compressed per document")
-    continuation_tokens: int = Field(32, ge=2, le=4096, description="tokens fed after compression")
-    budgets: list[float] = Field([0.1, 0.25, 0.5], min_length=1, description="kept-cache ratios of the context")
-    scorers: list[ScorerName] = Field(list(SCORERS), min_length=4, description="scorers compared")
-    window: int = Field(16, ge=1, le=4096, description="last context queries read by CAOTE and window attention")
-    n_sink: int = Field(4, ge=0, le=1024, description="first context tokens every scorer keeps")
-    recent_window: int = Field(8, ge=0, le=4096, description="last context tokens every scorer keeps")
+    scorers: ScorerList = Field(min_length=4, description="the scorers compared, one spec each")
+    pairs: dict[str, list[str]] = Field(description="vatp / caote: [value-aware label, attention-only label]")
+    n_documents: int = Field(ge=2, le=256, description="Wikipedia (context, continuation) pairs: the claim's units")
+    context_tokens: int = Field(ge=32, le=32768, description="tokens compressed per document")
+    continuation_tokens: int = Field(ge=2, le=4096, description="tokens fed after compression")
+    budgets: BudgetRatios = Field(description="kept-cache ratios of the context, in (0, 1)")
+    parts: dict[str, PartRule] = Field(description="direction and smallest effect of each claim part")
 
-    @field_validator("budgets")
+    @field_validator("parts")
     @classmethod
-    def _ratios(cls, budgets: list[float]) -> list[float]:
-        bad = [b for b in budgets if not 0.0 < b < 1.0]
-        if bad:
-            raise ValueError(f"every budget must be a ratio in (0, 1) (1 keeps everything), got {bad}")
-        return sorted(set(budgets))
+    def _parts(cls, parts: dict[str, PartRule]) -> dict[str, PartRule]:
+        return check_part_rules(parts, PART_SPECS)
 
-    @field_validator("scorers")
+    @field_validator("pairs")
     @classmethod
-    def _pairs_present(cls, scorers: list[str]) -> list[str]:
-        missing = [s for pair in PAIRS.items() for s in pair if s not in scorers]
-        if missing:
-            raise ValueError(f"scorers must include both members of each pair {PAIRS}; missing {missing}")
-        return list(dict.fromkeys(scorers))
+    def _pair_roles(cls, pairs: dict[str, list[str]]) -> dict[str, list[str]]:
+        if set(pairs) != set(PAIR_PAPERS) or any(len(p) != 2 for p in pairs.values()):
+            raise ValueError(f"pairs must map exactly {sorted(PAIR_PAPERS)} to [value-aware label, attention-only "
+                             f"label], got {pairs}")
+        return pairs
 
     @model_validator(mode="after")
     def _fits(self) -> "Params":
-        if self.window > self.context_tokens:
-            raise ValueError(f"window ({self.window}) is longer than the context ({self.context_tokens} tokens): use "
-                             f"window in [1, {self.context_tokens}]")
-        smallest = resolve_budget(min(self.budgets), self.context_tokens)
-        if self.n_sink + self.recent_window > smallest:
-            raise ValueError(f"the smallest budget ({smallest} tokens) must hold n_sink + recent_window = "
-                             f"{self.n_sink + self.recent_window} protected tokens")
+        check_labels([label for pair in self.pairs.values() for label in pair], self.scorers, "pairs")
+        check_windows_protected(self.scorers, self.recent_window)
+        for spec in self.scorers:
+            window = spec.options.get("window")
+            if window is not None and window > self.context_tokens:
+                raise ValueError(f"{spec.key}: window ({window}) is longer than the context ({self.context_tokens} "
+                                 f"tokens): use window in [1, {self.context_tokens}]")
+        check_protection_fits(self.budgets, self.context_tokens, self.n_sink, self.recent_window)
         return self
 
 
-def make_scorers(params: Params) -> dict[str, Scorer]:
-    """``{label: scorer}``; window attention is SnapKV's score without pooling, over CAOTE's window."""
-    made = {}
-    for name in params.scorers:
-        if name == "window_attention":
-            made[name] = get_scorer("snapkv", window=params.window, kernel_size=1)
-        elif name == "caote":
-            made[name] = get_scorer("caote", window=params.window)
-        else:
-            made[name] = get_scorer(name)
-    return made
-
-
 def documents(params: Params, tokenizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n_documents`` seeded Wikipedia ``(context (1, C), continuation (1, N))`` pairs on ``params.device``."""
-    from ..kv_tasks import wikipedia_continuations
-
-    pairs = wikipedia_continuations(tokenizer, n=params.n_documents, context_tokens=params.context_tokens,
-                                    continuation_tokens=params.continuation_tokens, seed=params.seed)
-    return [(c.to(params.device), n.to(params.device)) for c, n in pairs]
+    """``n_documents`` seeded Wikipedia ``(context (1, C), continuation (1, N))`` pairs."""
+    return wikipedia_continuations(tokenizer, n=params.n_documents, context_tokens=params.context_tokens,
+                                   continuation_tokens=params.continuation_tokens, seed=params.seed)
 
 
-def kept_context(scores: torch.Tensor, num_kv_heads: int, budget_tokens: int, n_sink: int,
-                 recent_window: int) -> torch.Tensor:
-    """``(H_kv, budget_tokens)`` kept context indices from ``(1, H_q, C)`` scores, selected as
-    :func:`~salience.harness.compress_prefill` does in ``per_kv_head`` mode (GQA-group mean, protected sinks and
-    recent window, top-k)."""
-    context_len = scores.shape[-1]
-    if scores.shape[1] == num_kv_heads:
-        per_head = scores
-    elif scores.shape[1] == 1:
-        per_head = scores.expand(-1, num_kv_heads, -1)
-    else:
-        per_head = reduce_to_kv_heads(scores, num_kv_heads, "mean")
-    protect = protected_mask(torch.arange(context_len, device=scores.device), n_sink=n_sink, recent=recent_window,
-                             newest_position=context_len - 1)
-    return select_topk(per_head[0].float(), budget_tokens, protect)
-
-
-def output_error(probs: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, context_len: int) -> float:
-    """Relative error of the attention output of the queries after the context when only ``kept`` context keys stay.
+def output_errors(rows: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, context_len: int) -> torch.Tensor:
+    """Relative error of the attention output of the queries after the context, for several kept sets at once.
 
     Args:
-        probs: ``(1, H_q, T, T)`` attention of the whole prompt (context ``[0, C)`` then continuation).
+        rows: ``(1, H_q, N, T)`` attention of the ``N`` queries after the context over all ``T`` keys (context
+            ``[0, C)`` then the queries' own).
         values: ``(1, H_kv, T, D)``.
-        kept: ``(H_kv, b)`` kept context indices per KV head; continuation keys always stay.
-        context_len: ``C``; the queries at positions ``≥ C`` are evaluated.
+        kept: ``(S, H_kv, C)`` bool, the context keys each of ``S`` kept sets keeps per KV head; the keys after the
+            context always stay.
+        context_len: ``C``.
 
-    Returns the mean over those queries of ``‖o_kept − o_full‖ / ‖o_full‖``, the norms taken over all heads
-    concatenated (the vector the output projection reads). ``o_kept`` renormalizes each query's attention over the
-    kept keys, which equals a softmax over the kept keys' logits.
+    Returns ``(S,)``: per set, the mean over the queries of ``‖o_kept − o_full‖ / ‖o_full‖``, the norms taken over
+    all heads concatenated (the vector the output projection reads). ``o_kept`` renormalizes each query's attention
+    over the kept keys, which equals a softmax over the kept keys' logits.
     """
-    _, h_q, t, _ = probs.shape
+    _, h_q, _, t = rows.shape
     h_kv = values.shape[1]
     if h_q % h_kv:
         raise ValueError(f"{h_q} query heads are not a multiple of {h_kv} KV heads")
     if not 0 < context_len < t:
-        raise ValueError(f"context_len must lie in [1, {t - 1}] so that some queries follow it, got {context_len}")
-    keep = torch.zeros(h_kv, t, dtype=probs.dtype, device=probs.device)
-    keep[:, context_len:] = 1.0
-    keep.scatter_(1, kept.to(probs.device), 1.0)
+        raise ValueError(f"context_len must lie in [1, {t - 1}] so that some keys follow it, got {context_len}")
+    if kept.dim() != 3 or kept.shape[1:] != (h_kv, context_len):
+        raise ValueError(f"kept must be (sets, H_kv={h_kv}, C={context_len}) bool, got {tuple(kept.shape)}")
     groups = h_q // h_kv
-    keep = keep.repeat_interleave(groups, dim=0)  # (H_q, T)
+    after = torch.ones(*kept.shape[:2], t - context_len, dtype=torch.float32, device=rows.device)
+    keep = torch.cat([kept.to(rows.device, torch.float32), after], dim=-1).repeat_interleave(groups, dim=1)
     v = values[0].float().repeat_interleave(groups, dim=0)  # (H_q, T, D)
-    a = probs[0, :, context_len:].float()  # (H_q, N, T)
-    full = a @ v
-    kept_a = a * keep[:, None, :]
-    compressed = (kept_a / kept_a.sum(-1, keepdim=True)) @ v
-    diff = (compressed - full).transpose(0, 1).flatten(1)  # (N, H_q·D)
-    return float((diff.norm(dim=-1) / full.transpose(0, 1).flatten(1).norm(dim=-1)).mean())
+    a = rows[0].float()  # (H_q, N, T)
+    full = (a @ v).transpose(0, 1).flatten(1)  # (N, H_q·D)
+    kept_a = a[None] * keep[:, :, None, :]  # (S, H_q, N, T)
+    compressed = ((kept_a / kept_a.sum(-1, keepdim=True)) @ v).transpose(1, 2).flatten(2)  # (S, N, H_q·D)
+    return ((compressed - full).norm(dim=-1) / full.norm(dim=-1)).mean(dim=-1)
 
 
-@torch.inference_mode()
-def reconstruction_errors(model, docs, params: Params) -> pd.DataFrame:
-    """Per document, scorer, budget and layer: the relative attention-output error of :func:`output_error`.
+def output_error(rows: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, context_len: int) -> float:
+    """:func:`output_errors` of one kept set given as ``(H_kv, b)`` kept context indices per KV head."""
+    mask = torch.zeros(kept.shape[0], context_len, dtype=torch.bool, device=kept.device)
+    mask.scatter_(1, kept, True)
+    return float(output_errors(rows, values, mask[None], context_len)[0])
 
-    One captured prefill of context + continuation per document; each scorer reads the context block of the
-    attention (context queries × context keys), keys and values, as in query-agnostic compression. Columns: doc,
-    scorer, budget, budget_tokens, layer, output_error.
-    """
-    scorers = make_scorers(params)
-    num_kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+
+def prefill_errors(prefill: SharedPrefill, params: Params) -> list[dict]:
+    """Every entry's (and the oracle's) output error per budget and layer, from one shared prefill (with the
+    continuation's attention rows kept): rows of scorer, budget, budget_tokens, layer, output_error. All kept sets
+    of a layer are measured in one batched product."""
+    c = prefill.context_len
+    values = [layer.values for layer in prefill.cache.layers]
+    num_kv_heads = values[0].shape[1]
+    protect = context_protection(c, n_sink=params.n_sink, recent_window=params.recent_window,
+                                 device=values[0].device)
+    sets, masks = [], []
+    for (_, label), scores in prefill.scores.items():
+        for budget in params.budgets:
+            tokens = resolve_budget(budget, c)
+            kept, _ = select_kept(scores, tokens, protect, num_kv_heads, params.head_mode)  # (layers, H_kv, b)
+            mask = torch.zeros(*kept.shape[:2], c, dtype=torch.bool, device=kept.device)
+            sets.append((label, budget, tokens))
+            masks.append(mask.scatter_(-1, kept, True))
+    masks = torch.stack(masks, dim=1)  # (layers, S, H_kv, C)
     rows = []
-    for d, (context, continuation) in enumerate(tqdm(docs, desc="reconstruction: documents")):
-        c = context.shape[1]
-        budgets = {b: resolve_budget(b, c) for b in params.budgets}
-        positions = torch.arange(c, device=context.device)
+    for layer, attention in enumerate(prefill.rows_attention):
+        errors = output_errors(attention, values[layer], masks[layer], c).tolist()
+        rows += [dict(scorer=label, budget=budget, budget_tokens=tokens, layer=layer, output_error=error)
+                 for (label, budget, tokens), error in zip(sets, errors)]
+    return rows
 
-        def on_attention(layer, probs, key, value, d=d, c=c, budgets=budgets, positions=positions):
-            for name, scorer in scorers.items():
-                view = AttentionView(key_positions=positions, query_positions=positions, visible_queries=c - positions,
-                                     attention=probs[:, :, :c, :c], keys=key[:, :, :c], values=value[:, :, :c],
-                                     generator=torch.Generator().manual_seed(params.seed * 1000 + layer))
-                scores = scorer(view).float()
-                for b, tokens in budgets.items():
-                    kept = kept_context(scores, num_kv_heads, tokens, params.n_sink, params.recent_window)
-                    rows.append(dict(doc=d, scorer=name, budget=b, budget_tokens=tokens, layer=layer,
-                                     output_error=output_error(probs, value, kept, c)))
 
-        with capture_attention(model, on_attention):
-            model(torch.cat([context, continuation], dim=1), use_cache=False)
+def run_documents(model, tokenizer, params: Params) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(errors, continuation)``: per document the output errors (:func:`prefill_errors`) and the continuation
+    rows (:func:`salience.kv_tasks.continuation_runs`, uncompressed and oracle first), from one prefill each."""
+    errors: list[dict] = []
+
+    def measure(doc: int, prefill: SharedPrefill) -> None:
+        errors.extend(dict(doc=doc, **row) for row in prefill_errors(prefill, params))
+
+    continuation = continuation_runs(model, documents(params, tokenizer), build_scorers(params.scorers),
+                                     params.budgets, head_mode=params.head_mode, n_sink=params.n_sink,
+                                     recent_window=params.recent_window, seed=params.seed, tokenizer=tokenizer,
+                                     batch_size=params.batch_size, on_prefill=measure)
+    return pd.DataFrame(errors), continuation
+
+
+def summary(errors: pd.DataFrame, continuation: pd.DataFrame, params: Params) -> pd.DataFrame:
+    """Per entry (uncompressed and oracle first) and budget: mean output error (over layers, then documents) and
+    mean KL over documents, each with its 95% bootstrap interval over documents (the uncompressed row: 0)."""
+    err = errors.groupby(["scorer", "budget", "doc"]).output_error.mean()
+    rows = []
+    for (label, budget), g in continuation.groupby(["scorer", "budget"], sort=False):
+        e = (err.loc[(label, budget)].to_numpy() if label != BASELINE else np.zeros(len(g)))
+        row = {"scorer": label, "budget": budget, "documents": len(g)}
+        for name, values in ((ERROR, e), (KL, g.kl_mean.to_numpy(dtype=float))):
+            row[name], row[f"{name}_lo"], row[f"{name}_hi"] = mean_interval(values, params.seed)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def error_summary(errors: pd.DataFrame) -> pd.DataFrame:
-    """Mean relative output error over layers and documents per scorer (rows) and budget (columns ``err@b``)."""
-    wide = errors.pivot_table(index="scorer", columns="budget", values="output_error", aggfunc="mean")
-    wide.columns = [f"err@{c:g}" for c in wide.columns]
-    wide["mean"] = wide.mean(axis=1)
-    wide = wide.sort_values("mean", kind="stable").reset_index()
-    wide.insert(1, "label", wide.scorer.map(LABELS))
-    return wide
+def per_document(errors: pd.DataFrame, continuation: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Documents × entries: the mean output error over layers and budgets, and the mean KL over budgets."""
+    rows = continuation[continuation.scorer != BASELINE]
+    return {ERROR: errors.groupby(["doc", "scorer"]).output_error.mean().unstack("scorer"),
+            KL: rows.groupby(["doc", "scorer"]).kl_mean.mean().unstack("scorer")}
 
 
-def layer_wins(errors: pd.DataFrame) -> pd.DataFrame:
-    """For each value-aware scorer and budget: the share of (document, layer) cells where its output error is below
-    its attention-only counterpart's, and the mean error ratio (value-aware ÷ attention-only)."""
+def judge_claim(errors: pd.DataFrame, continuation: pd.DataFrame, params: Params) -> Claim:
+    """Each value-aware scorer against its attention-only counterpart, per document (module docstring)."""
+    wide = per_document(errors, continuation)
+    parts = []
+    for spec in PART_SPECS:
+        role, what = spec.id.split("_", 1)
+        aware, base = params.pairs[role]
+        parts.append(judge(spec, params.parts[spec.id], wide[what][aware], wide[what][base], seed=params.seed,
+                           detail=f"{aware} against {base}, budgets {', '.join(f'{b:g}' for b in params.budgets)}"))
+    setting = (f"{params.model} on {params.device} (the papers: 7B-class models, LongBench); {params.n_documents} "
+               f"Wikipedia contexts of {params.context_tokens} tokens compressed query-agnostically "
+               f"{'per KV head' if params.head_mode == 'per_kv_head' else 'with one set for all heads'}, "
+               f"{params.continuation_tokens}-token continuations; every scorer keeps {params.n_sink} sinks and the "
+               f"last {params.recent_window} context tokens. The output error measures each layer in isolation from "
+               "one captured pass; the KL feeds the continuation on the really compressed cache.")
+    notes = []
+    if all(ORACLE in wide[what] for what in (ERROR, KL)):
+        shown = {what: fmt_interval(*mean_interval(wide[what][ORACLE], params.seed), sign=False)
+                 for what in (ERROR, KL)}
+        notes.append(f"Oracle (the continuation's own attention, same budgets), mean over documents [95% CI]: output "
+                     f"error {shown[ERROR]}, KL {shown[KL]} nats: what a kept set can reach at these budgets.")
+    return Claim(notebook=params.notebook, title=TITLE, statement=CLAIM, papers=PAPERS, parts=parts,
+                 setting=setting, notes=notes, seed=params.seed)
+
+
+def layer_wins(errors: pd.DataFrame, params: Params) -> pd.DataFrame:
+    """Descriptive: per pair and budget, the share of (document, layer) cells where the value-aware scorer's output
+    error is below its counterpart's, and the mean error ratio (value-aware ÷ attention-only)."""
     wide = errors.pivot_table(index=["budget", "doc", "layer"], columns="scorer", values="output_error")
     rows = []
-    for aware, base in PAIRS.items():
+    for aware, base in params.pairs.values():
         ratio = wide[aware] / wide[base]
         for b, r in ratio.groupby("budget"):
             rows.append(dict(scorer=aware, baseline=base, budget=b, layers_better=float((r < 1).mean()),
@@ -223,142 +245,31 @@ def layer_wins(errors: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def continuation_sweep(model, docs, params: Params) -> pd.DataFrame:
-    """NLL, perplexity and KL to the full cache of each continuation after compressing its context, for every scorer
-    and budget (:func:`salience.kv_tasks.continuation_metrics`; uncompressed row first). Adds a ``doc`` column."""
-    from ..kv_tasks import continuation_metrics
-
-    scorers = make_scorers(params)
-    frames = []
-    for d, (context, continuation) in enumerate(tqdm(docs, desc="continuations: documents")):
-        df = continuation_metrics(model, context, continuation, scorers, params.budgets, n_sink=params.n_sink,
-                                  recent_window=params.recent_window,
-                                  generator=torch.Generator().manual_seed(params.seed * 1000 + d))
-        frames.append(df.assign(doc=d))
-    return pd.concat(frames, ignore_index=True)
-
-
-def continuation_summary(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Per scorer (full cache first) and budget: mean KL to the full cache, perplexity and top-1 agreement."""
-    g = sweep.groupby(["scorer", "budget"], sort=False)[["kl_mean", "perplexity", "top1_agreement"]].mean()
-    g = g.reset_index()
-    g.insert(1, "label", g.scorer.map(LABELS))
-    return g
-
-
-def _pair_state(aware: pd.Series, base: pd.Series) -> str:
-    """``aware``/``base``: a lower-is-better metric indexed by budget."""
-    if bool((aware < base).all()):
-        return "lower"
-    if bool((aware > base).all()):
-        return "higher"
-    return "mixed"
-
-
-def verdict(errors: pd.DataFrame, sweep: pd.DataFrame, params: Params) -> tuple[str, str, str]:
-    """The claim's verdict, computed from this run's numbers. Returns ``(label, one-line summary, Findings markdown)``.
-
-    For each pair (VATP vs accumulated attention, CAOTE vs window attention), two lower-is-better measures per
-    budget: the attention-output error (mean over layers and documents) and the KL to the full cache (mean over
-    documents). The value-aware scorer **wins** the pair if it is lower in both measures at every budget, **loses**
-    it if it is higher in both at every budget; otherwise the pair is mixed.
-
-    Both pairs won: supported. One won: partly supported. None won and at least one lost: not supported.
-    Both mixed: inconclusive.
-    """
-    err = errors.groupby(["scorer", "budget"]).output_error.mean()
-    kl = sweep[sweep.scorer != "uncompressed"].groupby(["scorer", "budget"]).kl_mean.mean()
-    ppl = sweep[sweep.scorer != "uncompressed"].groupby(["scorer", "budget"]).perplexity.mean()
-    outcome, lines = {}, []
-    for aware, base in PAIRS.items():
-        e_state = _pair_state(err[aware], err[base])
-        k_state = _pair_state(kl[aware], kl[base])
-        if e_state == k_state == "lower":
-            outcome[aware] = "wins"
-        elif e_state == k_state == "higher":
-            outcome[aware] = "loses"
-        else:
-            outcome[aware] = "mixed"
-        per_budget = ", ".join(
-            f"{b:g}: error {err[aware][b]:.3f} vs {err[base][b]:.3f}, KL {kl[aware][b]:.3f} vs {kl[base][b]:.3f}, "
-            f"ppl {ppl[aware][b]:.2f} vs {ppl[base][b]:.2f}" for b in params.budgets)
-        lines.append(f"- **{LABELS[aware]} vs {LABELS[base]}** — **{outcome[aware]}**: output error {e_state}, KL "
-                     f"{k_state} (lower / higher: at every budget). Per budget: {per_budget}.")
-    states = list(outcome.values())
-    if all(s == "wins" for s in states):
-        label = "supported"
-    elif "wins" in states:
-        label = "partly supported"
-    elif "loses" in states:
-        label = "not supported"
-    else:
-        label = "inconclusive"
-
-    es, wins = error_summary(errors), layer_wins(errors)
-    board = "\n".join(f"| {r.label} | " + " | ".join(f"{r[f'err@{b:g}']:.3f}" for b in params.budgets)
-                      + " | " + " | ".join(f"{kl[r.scorer][b]:.3f}" for b in params.budgets) + " |"
-                      for _, r in es.iterrows())
-    heads = " | ".join(f"error @{b:g}" for b in params.budgets) + " | " + " | ".join(f"KL @{b:g}"
-                                                                                       for b in params.budgets)
-    win_text = "; ".join(f"{LABELS[r.scorer].split(' (')[0]} @{r.budget:g}: {r.layers_better:.0%}"
-                         for r in wins.itertuples())
-    best_err = es.iloc[0]
-    full_ppl = float(sweep[sweep.scorer == "uncompressed"].perplexity.mean())
-    summary_line = "; ".join(f"{aware} {outcome[aware]} vs {base}" for aware, base in PAIRS.items()) + (
-        f"; lowest output error: {best_err.scorer}")
-    findings = f"""### Findings
-
-**Verdict: {label}.** Computed from this run ({params.model}, {params.n_documents} Wikipedia context(s) of
-{params.context_tokens} tokens compressed query-agnostically per KV head, {params.continuation_tokens}-token
-continuations; budgets {", ".join(f"{b:g}" for b in params.budgets)} of the context; every scorer keeps
-{params.n_sink} sinks and the last {params.recent_window} context tokens; CAOTE and window attention read the last
-{params.window} context queries; seed {params.seed}).
-
-Mean relative attention-output error (over layers and documents; each layer in isolation) and mean KL(full ∥
-compressed) of the continuation's next-token distributions (nats), lowest error first:
-
-| scorer | {heads} |
-|---|{"---|" * (2 * len(params.budgets))}
-{board}
-
-{chr(10).join(lines)}
-
-Share of (document, layer) cells where the value-aware scorer's output error is below its attention-only
-counterpart's: {win_text}. Full-cache continuation perplexity: {full_ppl:.2f}.
-"""
-    if params.n_documents < 8:
-        findings += (f"\nWith {params.n_documents} document(s) the KL and perplexity comparisons carry no confidence "
-                     "interval; the output errors average 30 layers each, so they are steadier. The GPU parameter set "
-                     "runs 32 contexts of 1024 tokens.\n")
-    return label, summary_line, findings
-
-
 def plot_errors_by_layer(errors: pd.DataFrame, budget: float):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    sel = errors[errors.budget == budget].assign(label=lambda d: d.scorer.map(LABELS))
+    sel = errors[errors.budget == budget]
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    sns.lineplot(data=sel, x="layer", y="output_error", hue="label", marker=".", errorbar=None, ax=ax)
+    sns.lineplot(data=sel, x="layer", y="output_error", hue="scorer", marker=".", errorbar=None, ax=ax)
     ax.set(yscale="log", xlabel="layer", ylabel="relative attention-output error",
-           title=f"Attention-output error per layer at budget {budget:g}")
+           title=f"Attention-output error per layer at budget {budget:g} (mean over documents)")
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def plot_budget_curves(errors: pd.DataFrame, sweep: pd.DataFrame):
+def plot_budget_curves(table: pd.DataFrame, params: Params):
+    """Output error and KL vs budget with 95% intervals over documents; value-aware pairs solid, others dashed."""
     import matplotlib.pyplot as plt
 
+    paired = {label for pair in params.pairs.values() for label in pair}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    err = errors.groupby(["scorer", "budget"]).output_error.mean().reset_index()
-    kl = sweep[sweep.scorer != "uncompressed"].groupby(["scorer", "budget"]).kl_mean.mean().reset_index()
-    for name, g in err.groupby("scorer", sort=False):
-        style = "-" if name in PAIRS else "--"
-        axes[0].plot(g.budget, g.output_error, style, marker="o", label=LABELS.get(name, name))
-    for name, g in kl.groupby("scorer", sort=False):
-        style = "-" if name in PAIRS else "--"
-        axes[1].plot(g.budget, g.kl_mean, style, marker="o", label=LABELS.get(name, name))
+    for label, g in table[table.scorer != BASELINE].groupby("scorer", sort=False):
+        style = "-" if label in paired else "--"
+        for ax, col in zip(axes, (ERROR, KL)):
+            ax.errorbar(g.budget, g[col], yerr=[g[col] - g[f"{col}_lo"], g[f"{col}_hi"] - g[col]], fmt=style,
+                        marker="o", capsize=2, label=label)
     axes[0].set(xlabel="KV budget (share of the context)", ylabel="relative output error (mean over layers)",
                 yscale="log", title="Attention-output error")
     axes[1].set(xlabel="KV budget (share of the context)", ylabel="KL to the full cache (nats)", yscale="log",

@@ -1,15 +1,23 @@
-"""Parameter types the vision notebooks share: an input size on the patch grid, kept shares, pruning layers.
+"""Parameters the vision notebooks share: the digits, the encoder, the readers, and checks on kept shares, layers,
+photos and the scorer labels a notebook names in a role (a baseline, a control).
 
-Each is an annotated type, so a notebook's ``Params`` declares ``image_size: ImageSize = Field(112, ...)`` and gets the
-check and its one-line error; notebook-specific limits (e.g. layers ≥ 2 for a penultimate-layer scorer) stay there.
-The model's depth is checked again once the model is loaded (``check_layer`` in the harness).
+:class:`VisionParams` holds what every vit-* notebook has; a notebook's ``Params`` adds its own fields. As everywhere,
+no field has a default value here: the defaults live in ``params/<notebook>.yaml``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Iterable
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from .. import evidence
+from ..data import PHOTO_NAMES
+from ..params import ModelName, NotebookParams
+from ..scorers.spec import ScorerList
+from ..vision_readers import READERS
+from .param_checks import check_labels
 
 #: patch size of the embedded DINOv2-S; other models are checked by the harness against their own patch size
 PATCH = 14
@@ -29,26 +37,67 @@ def _keep_ratios(keeps: list[float]) -> list[float]:
     return sorted(set(keeps), reverse=True)
 
 
-def _block_layers(layers: list[int]) -> list[int]:
-    bad = [layer for layer in layers if layer < 1]
-    if bad:
-        raise ValueError(f"every pruning layer must be >= 1 (reduce after that block, below the model's depth), "
-                         f"got {bad}")
-    return sorted(set(layers))
-
-
-ImageSize = Annotated[int, Field(ge=PATCH, le=1036), AfterValidator(_patch_multiple)]
-KeepRatios = Annotated[list[float], Field(min_length=1), AfterValidator(_keep_ratios)]
-PruneLayers = Annotated[list[int], Field(min_length=1), AfterValidator(_block_layers)]
-
-
 def _known_photos(names: list[str]) -> list[str]:
-    from ..data import PHOTO_NAMES
-
     unknown = [n for n in names if n not in PHOTO_NAMES]
     if unknown:
         raise ValueError(f"unknown photo(s) {unknown}; choices: {', '.join(PHOTO_NAMES)}")
     return names
 
 
+ImageSize = Annotated[int, Field(ge=PATCH, le=1036), AfterValidator(_patch_multiple)]
+KeepRatios = Annotated[list[float], Field(min_length=1), AfterValidator(_keep_ratios)]
 PhotoNames = Annotated[list[str], Field(min_length=1), AfterValidator(_known_photos)]
+PhotoName = Annotated[str, AfterValidator(lambda name: _known_photos([name])[0])]
+ReaderName = Literal[READERS]
+
+
+class ReaderParams(BaseModel):
+    """Training settings of the readers (:mod:`salience.vision_readers`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    heads: int = Field(ge=1, le=64, description="learned queries of the attention-pooling reader")
+    key_dim: int = Field(ge=1, le=4096, description="key projection size of the attention-pooling reader")
+    epochs: int = Field(ge=1, le=1000, description="Adam epochs over the unpruned train tokens (fixed, seeded)")
+    lr: float = Field(gt=0, le=1, description="Adam learning rate")
+    weight_decay: float = Field(ge=0, le=1, description="Adam weight decay")
+    batch_size: int = Field(ge=1, le=100_000, description="images per Adam step")
+    probe_c: float = Field(gt=0, le=1e6, description="inverse L2 strength of the logistic-regression probes")
+
+
+class VisionParams(NotebookParams):
+    """What every vit-* notebook has: the encoder, the digits, the readers and the random replicates."""
+
+    model: ModelName = Field(description="embedded ViT name, local folder or Hugging Face id")
+    dataset: Literal["mnist", "digits"] = Field(description="MNIST (28x28; 4000 train / 1000 test) or sklearn digits "
+                                                            "(8x8; 1437 / 360)")
+    image_size: ImageSize = Field(description="input side in pixels, a multiple of the patch size 14")
+    n_train: int = Field(ge=50, le=4000, description="train images of the readers (unpruned for the attention "
+                                                      "reader and the [CLS] probe, reduced for the retrained probe)")
+    n_test: int = Field(ge=20, le=1000, description="test images: the units every claim part is paired over")
+    batch_size: int = Field(ge=1, le=4096, description="images per forward pass")
+    reader: ReaderParams = Field(description="training settings of the readers")
+    decide_reader: ReaderName = Field(description="the reader whose per-image true-class probability decides the "
+                                                  "claim parts (all three are reported)")
+    scorers: ScorerList = Field(min_length=1, description="the compared scorers, one YAML line each "
+                                                          "({name: ..., label: ..., <scorer fields>})")
+    random_replicates: int = Field(ge=1, le=20, description="seeds of every random entry (averaged per image)")
+    keeps: KeepRatios = Field(description="kept shares of the patches, in (0, 1] (after the encoder)")
+    parts: dict[str, evidence.PartRule] = Field(description="direction and smallest effect δ of each judged part")
+
+    #: the notebook's judged parts (its experiment module's PartSpecs); ``parts`` must hold exactly their ids
+    judged: ClassVar[tuple[evidence.PartSpec, ...]] = ()
+
+    @field_validator("parts")
+    @classmethod
+    def _parts(cls, rules):
+        return evidence.check_part_rules(rules, cls.judged)
+
+
+def check_keep_in(keep: float, keeps: Iterable[float], what: str) -> None:
+    if not any(abs(keep - k) < 1e-12 for k in keeps):
+        raise ValueError(f"{what} {keep} must be one of the kept shares {list(keeps)}")
+
+
+__all__ = ["PATCH", "ImageSize", "KeepRatios", "PhotoName", "PhotoNames", "ReaderName", "ReaderParams",
+           "VisionParams", "check_keep_in", "check_labels"]

@@ -1,5 +1,8 @@
-"""Pure token-merging functions for the vision harness: ToMe bipartite matching, VisionZip contextual merging,
-size-weighted averaging. No model code here; :mod:`salience.harness.vit_pruning` applies them between blocks.
+"""Pure token-reduction functions: the core of every vision reduction (drop, ToMe, VisionZip), with no model code.
+
+:func:`reduction_map` is the one entry point: scores, a similarity metric and a budget in, a destination map out.
+The in-encoder harness (:mod:`salience.harness.vit_pruning`) applies it between blocks; the after-encoder setting
+(:mod:`salience.vision_eval`) applies it to an encoder's cached output tokens, without running the model again.
 
 Every reduction is written as a destination map ``dest (B, K)`` (int64): token ``k`` of row ``b`` ends in output token
 ``dest[b, k]`` of that row, or is dropped when ``dest[b, k] == -1``. Output tokens keep the original order of the
@@ -12,6 +15,13 @@ Shapes: B batch, K current tokens, C metric channels (ToMe's metric is the layer
 from __future__ import annotations
 
 import torch
+
+from ..selection import select_topk
+
+#: the reductions :func:`reduction_map` knows: drop by score, ToMe bipartite merging, VisionZip dominant + contextual
+METHODS = ("drop", "tome", "visionzip")
+#: VisionZip's default share of the budget given to contextual (merged) tokens: every default in the package reads it
+CONTEXTUAL = 0.15
 
 
 def merge_by_destination(x: torch.Tensor, sizes: torch.Tensor, dest: torch.Tensor, n_out: int
@@ -159,3 +169,52 @@ def contextual_destination(metric: torch.Tensor, keep: torch.Tensor, n_contextua
     dest[rows, rest_idx] = own.gather(1, nearest)
     dest[rows, centre_idx] = own[rows, centre_idx]  # a centre stays its own group even if it ties with another
     return dest, centre
+
+
+def contextual_count(budget: int, contextual: float) -> int:
+    """VisionZip's contextual tokens out of ``budget`` output patch tokens: ``round(contextual · budget)``, at least
+    one and at most ``budget - 1`` (0 when ``contextual`` is 0 or the budget is a single token)."""
+    if budget <= 1 or contextual <= 0:
+        return 0
+    return min(budget - 1, max(1, round(contextual * budget)))
+
+
+def reduction_map(method: str, budget: int, protected: torch.Tensor, *, scores: torch.Tensor | None = None,
+                  metric: torch.Tensor | None = None, sizes: torch.Tensor | None = None, contextual: float = CONTEXTUAL
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pure core of every reduction: where each of ``K`` tokens goes when ``budget`` patch tokens remain.
+
+    Args:
+        method: ``"drop"`` (keep the ``budget`` highest ``scores``), ``"tome"`` (bipartite merging on ``metric``
+            down to ``budget``) or ``"visionzip"`` (dominant tokens by ``scores``, the rest merged by ``metric``
+            into :func:`contextual_count` contextual tokens; dominant + contextual = ``budget``).
+        budget: output tokens besides the protected ones, ``1 ≤ budget ≤`` unprotected tokens.
+        protected: ``(B, K)`` bool, the same count in every row ([CLS], registers): kept as themselves, never merged.
+        scores: ``(B, K)`` higher keeps (drop, visionzip); metric: ``(B, K, C)`` similarity features (tome,
+            visionzip); sizes: ``(B, K)`` patches per token (tome weighs the metric by them between rounds).
+
+    Returns:
+        ``dest (B, K)`` (output index, -1 dropped) and ``survives (B, K)`` bool, for :func:`merge_by_destination`
+        with ``n_out = protected + budget``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    b, k = protected.shape
+    n_protected = int(protected[0].sum())
+    if not bool((protected.sum(dim=1) == n_protected).all()):
+        raise ValueError("every row must protect the same number of tokens")
+    if not 1 <= budget <= k - n_protected:
+        raise ValueError(f"budget must lie in [1, {k - n_protected}] (unprotected tokens), got {budget}")
+    if method != "tome" and (scores is None or scores.shape != (b, k)):
+        raise ValueError(f"method {method!r} needs scores of shape {(b, k)}")
+    if method != "drop" and (metric is None or metric.shape[:2] != (b, k)):
+        raise ValueError(f"method {method!r} needs a similarity metric of shape ({b}, {k}, C)")
+    if method == "tome":
+        sizes = torch.ones(b, k, device=metric.device) if sizes is None else sizes
+        return tome_destination(metric, sizes, k - n_protected - budget, protected)
+    n_ctx = contextual_count(budget, contextual) if method == "visionzip" else 0
+    kept = select_topk(scores, n_protected + budget - n_ctx, protected)
+    chosen = torch.zeros(b, k, dtype=torch.bool, device=scores.device).scatter_(1, kept, True)
+    if method == "drop":
+        return _survivor_dest(chosen), chosen
+    return contextual_destination(metric, chosen, n_ctx)

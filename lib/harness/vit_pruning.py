@@ -1,207 +1,52 @@
-"""Drop or merge visual tokens between the blocks of a ViT: prefix once, suffix many.
+"""In-encoder reduction (the EViT / ToMe setting): drop or merge tokens after block l, blocks l+1.. run on fewer.
 
 >>> prefix = vit_prefix(model, pixel_values, layer=4, needs=scorer.needs)       # blocks 1..4, once
 >>> out = reduce_and_finish(model, prefix, scorer, keep=0.25, method="drop")  # blocks 5..L on 1 + 25% of patches
->>> out.cls, out.patch_mean, out.tokens_per_layer, out.flops, out.seconds
+>>> out.tokens, out.sizes, out.cls, out.patch_mean, out.tokens_per_layer, out.flops, out.seconds
 
-Works on any Hugging Face ViT-like encoder whose blocks can be called as ``block(hidden, None)``: ``Dinov2Model``
-(the embedded ``dinov2-s``), ``ViTModel``, ``CLIPVisionModel``, ``SiglipVisionModel`` (no [CLS]). The parts
-(embeddings, blocks, final norm) are found by attribute name (:func:`vit_parts`), never by copying model code.
+This is a different setting from the VLM papers' (FasterVLM, VTC-CLS, VisionZip, ...), which reduce the encoder's
+*output* tokens: for those see :mod:`salience.harness.vit_encoder` and :mod:`salience.vision_eval`.
 
-Reductions really shorten the sequence (gather / scatter), they do not mask. Three methods:
-
-- ``"drop"``: a scorer ranks the tokens (``(B, H, K)`` averaged over heads), [CLS] and registers are always kept and do
-  not count in the budget, the top ``resolve_budget(keep, n_patches)`` patches survive (FasterVLM, VTC-CLS, ...).
-- ``"tome"``: ToMe bipartite soft matching on the layer's keys (mean over heads), size-weighted averages.
-- ``"visionzip"``: dominant tokens chosen by the scorer (VisionZip uses [CLS] attention), the rest merged by key
-  similarity into ``contextual`` centres (a share of the same budget).
-
-Merged tokens carry sizes; with ``proportional_attention`` every later layer adds ``log(size)`` to the attention logits
-of each key (ToMe's proportional attention), through an attention function registered with transformers'
-``AttentionInterface`` that reads the sizes from a context variable. The same function captures the probabilities,
-keys and values the scorers ask for, so the prefix runs once with only what is needed.
-
-Every block's input length is recorded by a forward pre-hook and asserted against the plan; FLOPs are estimated from
-the config and those lengths (:func:`estimate_flops`); wall seconds are measured per phase.
+Reductions really shorten the sequence (gather / scatter), they do not mask; the decision is the pure
+:func:`~salience.harness.token_merging.reduction_map` (``"drop"``, ``"tome"``, ``"visionzip"``). [CLS] and registers
+are always kept and do not count in the budget. Merged tokens carry sizes and later blocks add ``log(size)`` to their
+logits (:mod:`salience.harness.vit_attention`). Every block's input length is recorded by a forward pre-hook and
+asserted against the plan; FLOPs are estimated from the config and those lengths; wall seconds are measured per phase.
 """
 
 from __future__ import annotations
 
-import contextvars
-import inspect
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from ..scorers.base import AttentionView, Scorer
-from ..selection import resolve_budget, select_topk
-from .token_merging import contextual_destination, merge_by_destination, tome_destination
-
-ATTENTION = "salience_vit"
-METHODS = ("drop", "tome", "visionzip")
-
-
-# --------------------------------------------------------------------------------------------- attention function
-@dataclass
-class _AttentionState:
-    """What the registered attention function reads while the harness runs a block."""
-
-    log_sizes: torch.Tensor | None = None  # (B, K) added to the logits of every query's row (proportional attention)
-    record_probs: bool = False
-    record_kv: bool = False
-    probs: torch.Tensor | None = None
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-
-
-_state: contextvars.ContextVar[_AttentionState | None] = contextvars.ContextVar("salience_vit", default=None)
-
-
-def vit_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                  **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Bidirectional attention with optional ``log(size)`` key bias and capture.
-
-    query/key/value ``(B, H, K, D)``; returns ``(B, K, H, D)`` and the probabilities when they were computed.
-    Without capture it calls PyTorch's fused ``scaled_dot_product_attention`` (the bias as a float mask), so timing
-    a reduced model measures real work, not a slow eager path.
-    """
-    state = _state.get() or _AttentionState()
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    bias = attention_mask
-    if state.log_sizes is not None:
-        size_bias = state.log_sizes[:, None, None, :].to(query.dtype)
-        bias = size_bias if bias is None else bias + size_bias
-    if state.record_kv:
-        state.keys, state.values = key, value
-    if not state.record_probs:
-        out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale,
-                                                         dropout_p=dropout if module.training else 0.0)
-        return out.transpose(1, 2).contiguous(), None
-    logits = torch.matmul(query, key.transpose(2, 3)) * scale
-    if bias is not None:
-        logits = logits + bias
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    state.probs = probs
-    out = torch.matmul(probs.to(query.dtype), value)
-    return out.transpose(1, 2).contiguous(), probs
-
-
-def install() -> str:
-    """Register :func:`vit_attention` (idempotent); returns its name."""
-    AttentionInterface.register(ATTENTION, vit_attention)
-    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    return ATTENTION
-
-
-@contextmanager
-def _using_vit_attention(model: nn.Module) -> Iterator[None]:
-    install()
-    previous = model.config._attn_implementation
-    if previous != ATTENTION:
-        model.set_attn_implementation(ATTENTION)
-    try:
-        yield
-    finally:
-        if previous != ATTENTION:
-            model.set_attn_implementation(previous)
-
-
-@contextmanager
-def _attention_state(state: _AttentionState) -> Iterator[_AttentionState]:
-    token = _state.set(state)
-    try:
-        yield state
-    finally:
-        _state.reset(token)
-
-
-# ------------------------------------------------------------------------------------------------- model parts
-@dataclass
-class VitParts:
-    """The pieces of a ViT-like encoder the harness drives.
-
-    Attributes:
-        embeddings: pixel values → ``(B, n_prefix + N, d)`` tokens; pre_norm: applied after it (CLIP) or None.
-        blocks: the transformer blocks in order; final_norm: the norm applied to every output token.
-        config: the vision config (hidden size, heads, MLP size, patch size).
-    """
-
-    embeddings: nn.Module
-    blocks: Sequence[nn.Module]
-    final_norm: nn.Module | None
-    pre_norm: nn.Module | None
-    config: object
-
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def patch_size(self) -> int:
-        p = self.config.patch_size
-        return int(p[0] if isinstance(p, (tuple, list)) else p)
-
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        kwargs = {}
-        if "interpolate_pos_encoding" in inspect.signature(self.embeddings.forward).parameters:
-            kwargs["interpolate_pos_encoding"] = True
-        hidden = self.embeddings(pixel_values, **kwargs)
-        return self.pre_norm(hidden) if self.pre_norm is not None else hidden
-
-
-def _first_attr(obj, names):
-    for name in names:
-        value = getattr(obj, name, None)
-        if value is not None:
-            return value
-    return None
-
-
-def vit_parts(model: nn.Module) -> VitParts:
-    """Find embeddings, blocks and final norm of a Hugging Face ViT-like encoder (ViT, DINOv2, CLIP/SigLIP vision)."""
-    root = _first_attr(model, ("vision_model", "vit", "dinov2")) or model
-    embeddings = getattr(root, "embeddings", None)
-    encoder = getattr(root, "encoder", None)
-    blocks = _first_attr(encoder, ("layer", "layers")) if encoder is not None else None
-    if embeddings is None or blocks is None:
-        raise ValueError(f"{type(model).__name__} does not look like a ViT encoder: expected .embeddings and "
-                         ".encoder.layer(s) (ViTModel, Dinov2Model, CLIPVisionModel, SiglipVisionModel)")
-    final_norm = _first_attr(root, ("layernorm", "post_layernorm", "norm", "final_layernorm"))
-    pre_norm = _first_attr(root, ("pre_layrnorm", "pre_layernorm"))
-    config = getattr(model.config, "vision_config", None) or model.config
-    return VitParts(embeddings, list(blocks), final_norm, pre_norm, config)
-
-
-# ---------------------------------------------------------------------------------------------------- validation
-def check_keep(keep: float | int, n_patches: int | None = None) -> None:
-    """A kept share must be a ratio in (0, 1] (or, with ``n_patches``, a patch count in [1, n_patches])."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise ValueError(f"keep must be a ratio in (0, 1] or a patch count, got {keep!r}")
-    if isinstance(keep, float):
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep ratio must lie in (0, 1], got {keep}")
-    elif keep < 1 or (n_patches is not None and keep > n_patches):
-        raise ValueError(f"keep as a patch count must lie in [1, {n_patches or 'number of patches'}] (a ratio in "
-                         f"(0, 1] otherwise), got {keep}")
-
-
-def check_layer(layer: int, depth: int) -> None:
-    """Reduction happens after block ``layer``; at least one block must run on the reduced tokens."""
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= depth - 1:
-        raise ValueError(f"pruning layer must be an integer in [1, {depth - 1}] for this {depth}-layer model "
-                         f"(reduce after block l, blocks l+1..{depth} run on the kept tokens), got {layer!r}")
-
-
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+from ..scorers.base import Scorer
+from ..selection import resolve_budget
+from .token_merging import CONTEXTUAL, METHODS, merge_by_destination, reduction_map
+from .vit_attention import (
+    ATTENTION,
+    AttentionState,
+    counting_tokens,
+    install,
+    run_block,
+    using_vit_attention,
+    vit_attention,
+)
+from .vit_model import (
+    VitParts,
+    block_flops,
+    check_keep,
+    check_layer,
+    check_method,
+    check_pixels,
+    estimate_flops,
+    mlp_macs_per_token,
+    vit_parts,
+)
+from .vit_views import build_view, head_mean_scores, replicate_seed
 
 
 # ------------------------------------------------------------------------------------------------------ prefix
@@ -212,8 +57,9 @@ class VitPrefix:
     Attributes:
         hidden: ``(B, K, d)`` output of block ``layer``; positions: ``(B, K)`` original token index (0 = [CLS],
             n_prefix + i = patch i in raster order); sizes: ``(B, K)`` patches each token stands for.
-        keys, values: ``(B, H, K, D)`` of block ``layer``'s attention; attention_layers: the captured ``(B, H, K, K)``
-            probabilities of blocks 1..layer (only the last when a scorer needs just ``attention``; empty if none).
+        keys, values: ``(B, H, K, D)`` of block ``layer``'s attention (``H = 1`` holds head-averaged keys, all that
+            merging reads; ``values`` may be None when scores come precomputed); attention_layers: the captured
+            ``(B, H, K, K)`` probabilities of blocks 1..layer (only the last when a scorer needs just ``attention``).
         n_prefix: [CLS] + register tokens before the patches (0 for a model without [CLS]); grid: patch rows, cols.
         tokens_per_layer: input length of blocks 1..layer; seconds: wall time of the prefix.
     """
@@ -222,7 +68,7 @@ class VitPrefix:
     positions: torch.Tensor
     sizes: torch.Tensor
     keys: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | None
     attention_layers: list[torch.Tensor]
     layer: int
     depth: int
@@ -237,8 +83,14 @@ class VitPrefix:
     def batch(self) -> int:
         return int(self.hidden.shape[0])
 
+    @property
+    def metric(self) -> torch.Tensor:
+        """``(B, K, D)`` ToMe / VisionZip similarity features: the layer's keys averaged over heads."""
+        return self.keys.mean(dim=1)
 
-def _needs_of(needs) -> frozenset[str]:
+
+def needs_of(needs) -> frozenset[str]:
+    """Capture names from a scorer, several scorers, or names."""
     if needs is None:
         return frozenset()
     if isinstance(needs, Scorer):
@@ -247,32 +99,6 @@ def _needs_of(needs) -> frozenset[str]:
     if all(isinstance(s, Scorer) for s in items):
         return frozenset().union(*(s.needs for s in items))
     return frozenset(items)
-
-
-@contextmanager
-def _counting_tokens(blocks: Sequence[nn.Module], counts: list[int]) -> Iterator[None]:
-    """Record the sequence length every block really receives (a pre-hook: proof, not bookkeeping)."""
-    handles = [b.register_forward_pre_hook(lambda _m, args: counts.append(int(args[0].shape[1]))) for b in blocks]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _run_block(block: nn.Module, hidden: torch.Tensor, state: _AttentionState) -> torch.Tensor:
-    with _attention_state(state):
-        out = block(hidden, None)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _check_pixels(pixel_values, patch: int) -> None:
-    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
-        got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
-        raise ValueError(f"pixel_values must be a (B, C, H, W) tensor, got {got}")
-    h, w = pixel_values.shape[-2:]
-    if h % patch or w % patch:
-        raise ValueError(f"image size {h}x{w} must be a multiple of the patch size {patch}")
 
 
 @torch.inference_mode()
@@ -287,13 +113,13 @@ def vit_prefix(model: nn.Module, pixel_values: torch.Tensor, layer: int, needs=N
     """
     parts = vit_parts(model)
     check_layer(layer, parts.depth)
-    _check_pixels(pixel_values, parts.patch_size)
-    needs = _needs_of(needs)
+    check_pixels(pixel_values, parts.patch_size)
+    needs = needs_of(needs)
     all_layers = "attention_layers" in needs
     last_layer = all_layers or bool(needs & {"attention", "key_mass"})
     start = time.perf_counter()
     counts: list[int] = []
-    with _using_vit_attention(model), _counting_tokens(parts.blocks[:layer], counts):
+    with using_vit_attention(model), counting_tokens(parts.blocks[:layer], counts):
         hidden = parts.embed(pixel_values)
         b, k, _ = hidden.shape
         grid = (pixel_values.shape[-2] // parts.patch_size, pixel_values.shape[-1] // parts.patch_size)
@@ -304,8 +130,8 @@ def vit_prefix(model: nn.Module, pixel_values: torch.Tensor, layer: int, needs=N
         probs = []
         for i, block in enumerate(parts.blocks[:layer]):
             is_last = i == layer - 1
-            state = _AttentionState(record_probs=all_layers or (is_last and last_layer), record_kv=is_last)
-            hidden = _run_block(block, hidden, state)
+            state = AttentionState(record_probs=all_layers or (is_last and last_layer), record_kv=is_last)
+            hidden = run_block(block, hidden, state)
             if state.probs is not None:
                 probs.append(state.probs)
     if counts != [k] * layer:
@@ -315,44 +141,6 @@ def vit_prefix(model: nn.Module, pixel_values: torch.Tensor, layer: int, needs=N
                      keys=state.keys, values=state.values, attention_layers=probs, layer=layer, depth=parts.depth,
                      n_prefix=n_prefix, has_cls=n_prefix >= 1, grid=grid, tokens_per_layer=counts,
                      n_patches=n_patches, seconds=time.perf_counter() - start)
-
-
-# ------------------------------------------------------------------------------------------------------- views
-def build_view(hidden: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               attention_layers: list[torch.Tensor], *, n_prefix: int, has_cls: bool, grid: tuple[int, int],
-               generator: torch.Generator | None = None) -> AttentionView:
-    """The scorer's view of one batch whose rows share ``positions (K,)`` (see the vision contract)."""
-    k = positions.shape[-1]
-    patch = positions >= n_prefix
-    cls = positions == 0 if has_cls else torch.zeros(k, dtype=torch.bool, device=positions.device)
-    roles = {"patch": patch}
-    if has_cls:
-        roles["cls"] = cls
-    if n_prefix > 1:
-        roles["register"] = ~patch & ~cls
-    flat = positions - n_prefix
-    coords = torch.stack([flat // grid[1], flat % grid[1]], dim=-1)
-    coords = torch.where(patch[:, None], coords, torch.full_like(coords, -1))
-    # an encoder's attention is not causal: every token's query sees every key (ZipCache's normaliser is K)
-    visible = torch.full((k,), k, dtype=torch.long, device=positions.device)
-    return AttentionView(key_positions=positions, query_positions=positions, visible_queries=visible,
-                         attention=attention_layers[-1] if attention_layers else None,
-                         attention_layers=list(attention_layers) if attention_layers else None,
-                         keys=keys, values=values, hidden=hidden, patch_coords=coords.long(), roles=roles,
-                         generator=generator)
-
-
-def _scores(scorer: Scorer, hidden, positions, keys, values, attention_layers, meta, generator) -> torch.Tensor:
-    """``(B, K)`` head-averaged scores; rows with different positions get their own view (the contract's ``(K,)``)."""
-    if bool((positions == positions[:1]).all()):
-        view = build_view(hidden, positions[0], keys, values, attention_layers, generator=generator, **meta)
-        return scorer(view).float().mean(dim=1)
-    rows = []
-    for i in range(positions.shape[0]):
-        view = build_view(hidden[i:i + 1], positions[i], keys[i:i + 1], values[i:i + 1],
-                          [a[i:i + 1] for a in attention_layers], generator=generator, **meta)
-        rows.append(scorer(view).float().mean(dim=1))
-    return torch.cat(rows, dim=0)
 
 
 # ------------------------------------------------------------------------------------------------------ suffix
@@ -369,56 +157,48 @@ class VitResult:
     """Output of a (reduced) forward pass.
 
     Attributes:
-        cls: ``(B, d)`` final-normed [CLS] (the first token; None without [CLS]); patch_mean: ``(B, d)`` size-weighted
-            mean of the final-normed patch tokens; features: ``concat(cls, patch_mean)`` (DINOv2 linear-eval recipe,
-            ``patch_mean`` alone without [CLS]).
+        tokens: ``(B, n, d)`` final-normed output tokens ([CLS] and registers first, then the kept or merged patch
+            tokens in original order); sizes: ``(B, n)`` patches each token stands for; n_prefix: [CLS] + registers.
         tokens_per_layer: input length of every block (asserted against the plan); kept_positions: ``(B, n)`` original
             index of each output token (its own position for a merged group's survivor); assignment: ``(B, N)`` output
-            token each original patch ended in (-1 dropped); sizes: ``(B, n)``.
-        flops: estimated FLOPs per image (:func:`estimate_flops`); seconds: wall seconds per phase (prefix, score,
-            reduce, suffix) for the whole batch; n_prefix: [CLS] + registers (0 without [CLS]).
+            token each original patch ended in (-1 dropped).
+        flops: estimated FLOPs per image (:func:`estimate_flops`); seconds: wall seconds per phase (prefix,
+            score_reduce, suffix) for the whole batch; has_cls: whether token 0 is [CLS].
     """
 
-    cls: torch.Tensor | None
-    patch_mean: torch.Tensor
+    tokens: torch.Tensor
+    sizes: torch.Tensor
     tokens_per_layer: list[int]
     kept_positions: torch.Tensor
     assignment: torch.Tensor
-    sizes: torch.Tensor
     flops: float
     seconds: dict[str, float] = field(default_factory=dict)
     n_prefix: int = 1
+    has_cls: bool = True
 
     @property
-    def features(self) -> torch.Tensor:
-        return self.patch_mean if self.cls is None else torch.cat([self.cls, self.patch_mean], dim=-1)
+    def cls(self) -> torch.Tensor | None:
+        """``(B, d)`` final-normed [CLS] (None without [CLS])."""
+        return self.tokens[:, 0] if self.has_cls else None
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """``(B, n - n_prefix, d)`` output patch tokens (kept or merged)."""
+        return self.tokens[:, self.n_prefix:]
+
+    @property
+    def patch_sizes(self) -> torch.Tensor:
+        return self.sizes[:, self.n_prefix:]
+
+    @property
+    def patch_mean(self) -> torch.Tensor:
+        """``(B, d)`` size-weighted mean of the output patch tokens."""
+        w = self.patch_sizes.to(self.tokens.dtype)
+        return (self.patches * w[..., None]).sum(1) / w.sum(1, keepdim=True)
 
     @property
     def total_seconds(self) -> float:
         return float(sum(self.seconds.values()))
-
-
-def _reduce(method: str, scorer: Scorer | None, keep, hidden, positions, sizes, keys, values, attention_layers,
-            meta, *, contextual: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dest, survives)`` of one reduction step (see :mod:`token_merging`)."""
-    b, k, _ = hidden.shape
-    n_prefix_here = int((positions[0] < meta["n_prefix"]).sum())
-    n_patch = k - n_prefix_here
-    budget = resolve_budget(keep, n_patch)
-    protected = positions < meta["n_prefix"]  # (B, K)
-    metric = keys.mean(dim=1)  # ToMe / VisionZip similarity: keys averaged over heads, (B, K, D)
-    if method == "tome":
-        return tome_destination(metric, sizes, n_patch - budget, protected)
-    scores = _scores(scorer, hidden, positions, keys, values, attention_layers, meta, generator)
-    if method == "drop":
-        kept = select_topk(scores, n_prefix_here + budget, protected)
-        survives = torch.zeros(b, k, dtype=torch.bool, device=hidden.device).scatter_(1, kept, True)
-        return torch.where(survives, survives.long().cumsum(1) - 1, torch.full_like(positions, -1)), survives
-    # visionzip: dominant tokens by the scorer, the rest merged into contextual centres (same total budget)
-    n_ctx = min(budget - 1, max(1, round(contextual * budget))) if budget > 1 and contextual > 0 else 0
-    kept = select_topk(scores, n_prefix_here + budget - n_ctx, protected)
-    dominant = torch.zeros(b, k, dtype=torch.bool, device=hidden.device).scatter_(1, kept, True)
-    return contextual_destination(metric, dominant, n_ctx)
 
 
 def expected_tokens_per_layer(depth: int, n_prefix: int, n_patches: int, stages: Sequence[Stage]) -> list[int]:
@@ -431,11 +211,23 @@ def expected_tokens_per_layer(depth: int, n_prefix: int, n_patches: int, stages:
     return counts
 
 
+def _check_plan(parts: VitParts, prefix: VitPrefix, keep, stages) -> list[Stage]:
+    plan = [Stage(prefix.layer, keep)] + [s if isinstance(s, Stage) else Stage(*s) for s in stages]
+    for s in plan[1:]:
+        check_layer(s.layer, parts.depth)
+        check_keep(s.keep)
+    if [s.layer for s in plan] != sorted({s.layer for s in plan}):
+        raise ValueError(f"stage layers must increase strictly after the prefix layer {prefix.layer}, "
+                         f"got {[s.layer for s in plan]}")
+    return plan
+
+
 @torch.inference_mode()
 def reduce_and_finish(model: nn.Module, prefix: VitPrefix, scorer: Scorer | None, keep: float | int,
                       method: str = "drop", *, stages: Sequence[Stage | tuple[int, float]] = (),
-                      proportional_attention: bool = True, contextual: float = 0.15, seed: int = 0) -> VitResult:
-    """Reduce the prefix's tokens to ``keep`` of its patches, run the remaining blocks, return features and proof.
+                      proportional_attention: bool = True, contextual: float = CONTEXTUAL, seed: int = 0,
+                      scores: torch.Tensor | None = None) -> VitResult:
+    """Reduce the prefix's tokens to ``keep`` of its patches, run the remaining blocks, return output tokens and proof.
 
     Args:
         scorer: ranks tokens for ``"drop"`` and picks VisionZip's dominant tokens (ignored by ``"tome"``).
@@ -445,22 +237,18 @@ def reduce_and_finish(model: nn.Module, prefix: VitPrefix, scorer: Scorer | None
             then; the scorer is applied to a view captured at that layer (its ``needs`` are captured there).
         proportional_attention: add ``log(size)`` to the keys' logits in later blocks (merging methods).
         contextual: VisionZip's share of the budget given to contextual (merged) tokens.
-        seed: seeds the generator stochastic scorers read.
+        seed: seeds the generator stochastic scorers read (use :func:`replicate_seed` for replicates and batches).
+        scores: ``(B, K)`` precomputed scores of the prefix's tokens for the first stage (e.g. from the activation
+            cache); the scorer is then used only for later stages.
     """
     parts = vit_parts(model)
     check_method(method)
     check_keep(keep, prefix.n_patches)
     if not 0.0 <= contextual < 1.0:
         raise ValueError(f"contextual must lie in [0, 1), got {contextual}")
-    if method != "tome" and scorer is None:
+    if method != "tome" and scorer is None and scores is None:
         raise ValueError(f"method {method!r} needs a scorer (tome needs none)")
-    plan = [Stage(prefix.layer, keep)] + [s if isinstance(s, Stage) else Stage(*s) for s in stages]
-    for s in plan[1:]:
-        check_layer(s.layer, parts.depth)
-        check_keep(s.keep)
-    if [s.layer for s in plan] != sorted({s.layer for s in plan}):
-        raise ValueError(f"stage layers must increase strictly after the prefix layer {prefix.layer}, "
-                         f"got {[s.layer for s in plan]}")
+    plan = _check_plan(parts, prefix, keep, stages)
     meta = dict(n_prefix=prefix.n_prefix, has_cls=prefix.has_cls, grid=prefix.grid)
     generator = torch.Generator().manual_seed(seed)
     needs = scorer.needs if scorer is not None else frozenset()
@@ -477,12 +265,18 @@ def reduce_and_finish(model: nn.Module, prefix: VitPrefix, scorer: Scorer | None
     stage_at = {s.layer: s.keep for s in plan}
     layer = prefix.layer
     size_bias = None  # log(size) per key while any token stands for several patches (ToMe's proportional attention)
-    with _using_vit_attention(model):
+    with using_vit_attention(model):
         while True:
             if layer in stage_at:
                 start = time.perf_counter()
-                dest, survivor = _reduce(method, scorer, stage_at[layer], hidden, positions, sizes, keys, values,
-                                         attention_layers, meta, contextual=contextual, generator=generator)
+                protected = positions < prefix.n_prefix
+                budget = resolve_budget(stage_at[layer], int((~protected[0]).sum()))
+                stage_scores = None
+                if method != "tome":
+                    stage_scores = scores if (scores is not None and layer == prefix.layer) else head_mean_scores(
+                        scorer, hidden, positions, keys, values, attention_layers, generator=generator, **meta)
+                dest, survivor = reduction_map(method, budget, protected, scores=stage_scores,
+                                               metric=keys.mean(dim=1), sizes=sizes, contextual=contextual)
                 n_out = int(survivor[0].sum())
                 if merging:
                     hidden, sizes = merge_by_destination(hidden, sizes, dest, n_out)
@@ -503,12 +297,12 @@ def reduce_and_finish(model: nn.Module, prefix: VitPrefix, scorer: Scorer | None
             start = time.perf_counter()
             later_stage = any(s.layer > layer for s in plan)
             next_is_stage = layer + 1 in stage_at
-            state = _AttentionState(
+            state = AttentionState(
                 log_sizes=size_bias,
                 record_probs=later_stage and probs_needed and (all_layers or next_is_stage),
                 record_kv=next_is_stage)
-            with _counting_tokens(parts.blocks[layer:layer + 1], counts):
-                hidden = _run_block(parts.blocks[layer], hidden, state)
+            with counting_tokens(parts.blocks[layer:layer + 1], counts):
+                hidden = run_block(parts.blocks[layer], hidden, state)
             if state.probs is not None:
                 attention_layers = (attention_layers if all_layers else []) + [state.probs]
             if next_is_stage:
@@ -516,22 +310,18 @@ def reduce_and_finish(model: nn.Module, prefix: VitPrefix, scorer: Scorer | None
             seconds["suffix"] += time.perf_counter() - start
             layer += 1
         start = time.perf_counter()
-        normed = parts.final_norm(hidden) if parts.final_norm is not None else hidden
-        patch = positions >= prefix.n_prefix
-        w = sizes * patch
-        patch_mean = (normed * w[..., None]).sum(1) / w.sum(1, keepdim=True)
-        cls = normed[:, 0] if prefix.has_cls else None
+        tokens = parts.normed(hidden)
         seconds["suffix"] += time.perf_counter() - start
     expected = expected_tokens_per_layer(parts.depth, prefix.n_prefix, n_patches, plan)
     if counts != expected:
         raise AssertionError(f"blocks saw {counts} tokens, the plan says {expected}")
-    return VitResult(cls=cls, patch_mean=patch_mean, tokens_per_layer=counts, kept_positions=positions,
-                     assignment=assignment, sizes=sizes, seconds=seconds, n_prefix=prefix.n_prefix,
+    return VitResult(tokens=tokens, sizes=sizes, tokens_per_layer=counts, kept_positions=positions,
+                     assignment=assignment, seconds=seconds, n_prefix=prefix.n_prefix, has_cls=prefix.has_cls,
                      flops=estimate_flops(parts.config, counts, n_patches=n_patches))
 
 
 def vit_forward(model: nn.Module, pixel_values: torch.Tensor) -> VitResult:
-    """The unreduced model through the same code path (keep = 1.0 after block 1): the reference features."""
+    """The unreduced model through the same code path (keep = 1.0 after block 1): the reference output."""
     return reduce_and_finish(model, vit_prefix(model, pixel_values, 1), None, 1.0, "tome")
 
 
@@ -543,33 +333,6 @@ def prune_vit(model: nn.Module, pixel_values: torch.Tensor, scorer: Scorer | Non
     check_layer(layer, vit_parts(model).depth)
     return reduce_and_finish(model, vit_prefix(model, pixel_values, layer, needs=scorer), scorer, keep, method,
                              **kwargs)
-
-
-# ------------------------------------------------------------------------------------------------------- FLOPs
-def mlp_macs_per_token(config) -> int:
-    """Multiply-accumulates of one token through one block's MLP, from the config (SwiGLU for DINOv2-g style)."""
-    d = config.hidden_size
-    if getattr(config, "use_swiglu_ffn", False):
-        hidden = int(d * config.mlp_ratio)
-        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
-        return 3 * d * hidden
-    inner = getattr(config, "intermediate_size", None) or int(d * getattr(config, "mlp_ratio", 4))
-    return 2 * d * inner
-
-
-def block_flops(config, n: int) -> float:
-    """FLOPs (2 x MACs) of one block on ``n`` tokens: Q, K, V, O projections ``4 n d²``, scores and weighted sum
-    ``2 n² d``, MLP; norms, softmax and biases are left out (a few percent)."""
-    d = config.hidden_size
-    return 2.0 * (4 * n * d * d + 2 * n * n * d + n * mlp_macs_per_token(config))
-
-
-def estimate_flops(config, tokens_per_layer: Sequence[int], n_patches: int) -> float:
-    """Estimated FLOPs per image: patch embedding (``2 N 3 p² d``) plus every block at its recorded length."""
-    p = config.patch_size[0] if isinstance(config.patch_size, (tuple, list)) else config.patch_size
-    channels = getattr(config, "num_channels", 3)
-    embed = 2.0 * n_patches * channels * p * p * config.hidden_size
-    return embed + sum(block_flops(config, n) for n in tokens_per_layer)
 
 
 __all__ = [
@@ -586,12 +349,15 @@ __all__ = [
     "check_method",
     "estimate_flops",
     "expected_tokens_per_layer",
+    "head_mean_scores",
     "install",
     "mlp_macs_per_token",
+    "needs_of",
     "prune_vit",
     "reduce_and_finish",
+    "replicate_seed",
     "vit_attention",
-    "vit_forward",
     "vit_parts",
+    "vit_forward",
     "vit_prefix",
 ]

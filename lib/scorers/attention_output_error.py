@@ -1,4 +1,4 @@
-"""CAOTE (s223): the eviction error, i.e. how far a query's attention output moves if one key alone is evicted."""
+"""CAOTE [@caote]: the eviction error, i.e. how far a query's attention output moves if one key alone is evicted."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LexRank's idea (s1) as a KV scorer: PageRank centrality on the graph that attention draws between tokens."""
+"""LexRank's idea [@lexrank] as a KV scorer: PageRank centrality on the graph that attention draws between tokens."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Attention rollout (Abnar & Zuidema 2020; the flow-style aggregation of family B/C): attention chained over layers."""
+"""Attention rollout [@attention_flow] (the flow-style aggregation of family B/C): attention chained over layers."""
 
 from __future__ import annotations
 

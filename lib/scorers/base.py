@@ -17,6 +17,9 @@ import torch
 
 #: Every capture a scorer may ask for.
 CAPTURES = frozenset({"attention", "attention_layers", "key_mass", "keys", "values", "hidden", "gradients"})
+#: The captures that read attention (a matrix or its key mass): a scorer needing any of them is attention-based
+#: (:attr:`Scorer.attention_free` is False). The one place this rule lives.
+ATTENTION_NEEDS = frozenset({"attention", "attention_layers", "key_mass"})
 
 
 @dataclass
@@ -100,10 +103,13 @@ class Scorer:
     mass_decay: ClassVar[float] = 1.0
     #: Roles (keys of ``AttentionView.roles``) the rule cannot work without, e.g. ``{"cls"}`` for [CLS] attention.
     requires_roles: ClassVar[frozenset[str]] = frozenset()
+    #: The rule draws from ``AttentionView.generator`` (random scores, random pivots): harnesses give each replicate
+    #: (and each batch) its own seed and repeat the entry over replicates.
+    stochastic: ClassVar[bool] = False
 
     @property
     def attention_free(self) -> bool:
-        return not (self.needs & {"attention", "attention_layers", "key_mass"})
+        return not (self.needs & ATTENTION_NEEDS)
 
     def score(self, view: AttentionView) -> torch.Tensor:  # pragma: no cover - abstract
         """Return ``(B, H, K)`` importances for the keys in ``view``; higher means keep."""

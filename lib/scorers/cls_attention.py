@@ -1,4 +1,5 @@
-"""[CLS] attention to patches: FasterVLM (s148) / VisionZip's dominant tokens (s242); VTC-CLS's layer ensemble (s7)."""
+"""[CLS] attention to patches: FasterVLM [@fastervlm] / VisionZip's dominant tokens [@visionzip]; VTC-CLS's layer
+ensemble [@vtc_cls]."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DART (s112): keep tokens that duplicate the pivot tokens least."""
+"""DART [@dart]: keep tokens that duplicate the pivot tokens least."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ class Dart(Scorer):
         if self.pivot_rule not in PIVOT_RULES:
             raise ValueError(f"pivot_rule must be one of {PIVOT_RULES}, got {self.pivot_rule!r}")
         self.needs = frozenset({self.feature})
+        self.stochastic = self.pivot_rule == "random"
 
     def score(self, view: AttentionView) -> torch.Tensor:
         x = token_features(view, self.feature, self.name)

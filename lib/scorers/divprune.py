@@ -1,4 +1,4 @@
-"""DivPrune (s268): token selection as a Max–Min Diversity Problem, solved greedily (farthest-point order)."""
+"""DivPrune [@divprune]: token selection as a Max–Min Diversity Problem, solved greedily (farthest-point order)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FlowCut (s23): importance from the information that flows to [CLS] across layers, not one layer's attention."""
+"""FlowCut [@flowcut]: importance from the information that flows to [CLS] across layers, not one layer's attention."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class FlowCut(Scorer):
     ``p_l(k) = mean_h a^{l,h}_{[CLS],k}`` over the non-[CLS] keys, renormalised to sum 1; ``c_l = 1 − H(p_l) / log n``
     (``n`` non-[CLS] keys) is 0 for a uniform row and 1 for a one-hot row.
 
-    *(interp.)* methods.md states three ideas: information flow across layers instead of single-layer attention,
+    *(interp.)* The paper states three ideas: information flow across layers instead of single-layer attention,
     [CLS] as the relay (every patch's contribution reaches the output through it), and redundancy that emerges as
     attention concentrates layer by layer. Here: flow = [CLS] attention accumulated over layers, each layer weighted by
     how concentrated its [CLS] row is (diffuse early layers say little about what to drop), times the value norm

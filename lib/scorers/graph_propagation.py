@@ -1,4 +1,4 @@
-"""G-Prune (s190): tokens as nodes of a semantic-similarity graph; importance propagated over its weighted links."""
+"""G-Prune [@gprune]: tokens as nodes of a semantic-similarity graph; importance propagated over its weighted links."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""HiPrune (s13): anchors from a middle (object-centric) layer, their spatial buffers, registers from deep layers."""
+"""HiPrune [@hiprune]: anchors from a middle (object-centric) layer, their spatial buffers, registers from deep layers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Key norm (KnormPress idea, kvpress): keys with a small L2 norm tend to receive more attention, so keep them."""
+"""Key norm (the KnormPress idea [@knormpress], a kvpress [@kvpress] press): keys with a small L2 norm tend to receive
+more attention, so keep them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TOVA (Token Omission Via Attention, Oren et al. 2024): keep the keys the newest query attends to most."""
+"""TOVA [@tova] (Token Omission Via Attention): keep the keys the newest query attends to most."""
 
 from __future__ import annotations
 

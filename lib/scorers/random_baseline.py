@@ -19,6 +19,7 @@ class RandomScorer(Scorer):
 
     name = "random"
     needs = frozenset()
+    stochastic = True
 
     def score(self, view: AttentionView) -> torch.Tensor:
         b, h = view.batch_heads()

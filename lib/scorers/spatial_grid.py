@@ -1,4 +1,5 @@
-"""Spatial uniform grid (downsampling; LLaVolta-style pooling baseline s280, FEATHER's uniform sampling s276)."""
+"""Spatial uniform grid (downsampling; LLaVolta-style pooling baseline [@llavolta], FEATHER's uniform sampling
+[@feather])."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ToDRE (s4): diverse tokens by greedy k-center, steered by task relevance where the model offers it ([CLS])."""
+"""ToDRE [@todre]: diverse tokens by greedy k-center, steered by task relevance where the model offers it ([CLS])."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VATP (s184): value-aware token pruning, accumulated attention weighted by the ℓ1 norm of each value vector."""
+"""VATP [@vatp]: value-aware token pruning, accumulated attention weighted by the ℓ1 norm of each value vector."""
 
 from __future__ import annotations
 
