@@ -19,10 +19,11 @@ Per unit (document or prompt) each scorer's quality-vs-budget curve becomes its 
 with the uncompressed value). The claim's parts (:func:`judge_claim`, :mod:`salience.evidence`):
 
 1. per task, the mean area of the attention-based scorers (a scorer is attention-based when it reads attention or its
-   key mass: ``not scorer.attention_free``, the rule of :class:`~salience.scorers.base.Scorer`) against the area of
-   the better control (random or recency, whichever has the better mean on these units), paired over the units. The
-   family mean is one comparison per unit, so no single scorer's tie decides it and nothing is averaged into a rank;
-   choosing the better control makes the comparison harder, not easier, for the claim;
+   key mass: ``not scorer.attention_free``, the rule of :class:`~salience.scorers.base.Scorer`) against **each**
+   control (random and recency), paired over the units, as one intersection-union test: the part is supported only
+   when the family beats every control, contradicted when it is worse than any, and reports the comparison that
+   decided (:func:`against_every_control`). No control is picked by looking at the data. The family mean is one
+   comparison per unit, so no single scorer's tie decides it and nothing is averaged into a rank;
 2. attention PageRank (LexRank's centrality [@lexrank] as a KV scorer) is no worse, by at most δ, than the median of
    the other attention-based scorers in KL area, paired over documents.
 """
@@ -66,13 +67,13 @@ PASSKEY = {"query-agnostic": "passkey, query-agnostic", "query-aware": "passkey,
 
 PART_SPECS = (
     PartSpec("attention_beats_controls_continuation",
-             "attention-based scorers (their mean) keep the continuation closer to the full cache than the better "
+             "attention-based scorers (their mean) keep the continuation closer to the full cache than each "
              "control", "KL area (nats)", "document", higher_is_better=False, papers=ATTENTION_PAPERS),
     PartSpec("attention_beats_controls_passkey_agnostic",
-             "attention-based scorers (their mean) keep the passkey answer more likely than the better control, "
+             "attention-based scorers (their mean) keep the passkey answer more likely than each control, "
              "query-agnostic", "answer log-prob area (nats/token)", "prompt", papers=ATTENTION_PAPERS),
     PartSpec("attention_beats_controls_passkey_aware",
-             "attention-based scorers (their mean) keep the passkey answer more likely than the better control, "
+             "attention-based scorers (their mean) keep the passkey answer more likely than each control, "
              "query-aware", "answer log-prob area (nats/token)", "prompt", papers=ATTENTION_PAPERS),
     PartSpec("pagerank_competitive",
              "attention PageRank is no worse than the median other attention-based scorer", "KL area (nats)",
@@ -254,10 +255,27 @@ def pairwise(areas: pd.DataFrame, params: Params) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def better_control(wide: pd.DataFrame, controls: list[str], metric: Metric) -> str:
-    """The control with the better mean over the units (lower for a lower-is-better metric)."""
-    means = wide[controls].mean()
-    return str(means.idxmin() if metric.lower_is_better else means.idxmax())
+def against_every_control(spec: PartSpec, rule: PartRule, family: pd.Series, wide: pd.DataFrame,
+                          controls: list[str], seed: int, what: str):
+    """One part, judged against each control and combined by the intersection-union rule: contradicted when the
+    family loses to any control, supported only when it beats all, inconclusive otherwise. The part carries the
+    numbers of the comparison that decided (the contradicted one, else the least favourable by its interval's
+    bound toward the claim); ``detail`` lists every control's verdict and interval."""
+    judged = {c: judge(spec, rule, family, wide[c], seed=seed) for c in controls}
+    lost = [c for c, p in judged.items() if p.verdict == "contradicted"]
+    if lost:
+        decider = lost[0]
+    else:
+        # the comparison whose interval reaches least far toward the claim's side
+        decider = min(controls, key=lambda c: judged[c].improvement[1])
+    summary = "; ".join(f"{c}: {judged[c].verdict}, {_effect(judged[c])}" for c in controls)
+    part = judged[decider]
+    part.detail = f"{what} against each control ({summary}); the numbers shown are against {decider}"
+    return part
+
+
+def _effect(part) -> str:
+    return f"{part.effect:+.3g} [{part.ci_low:+.3g}, {part.ci_high:+.3g}]"
 
 
 def judge_claim(areas: pd.DataFrame, cells: pd.DataFrame, params: Params) -> Claim:
@@ -278,10 +296,8 @@ def judge_claim(areas: pd.DataFrame, cells: pd.DataFrame, params: Params) -> Cla
         if wide.empty:
             parts.append(not_judged(spec, rule, f"no solvable {task} cell: the oracle failed at every budget"))
             continue
-        control = better_control(wide, params.controls, metric)
-        parts.append(judge(spec, rule, wide[attn].mean(axis=1), wide[control], seed=params.seed,
-                           detail=f"mean of {len(attn)} attention-based scorers against {control}, the better "
-                                  f"control on these {len(wide)} {spec.unit}s"))
+        parts.append(against_every_control(spec, rule, wide[attn].mean(axis=1), wide, params.controls, params.seed,
+                                           f"mean of {len(attn)} attention-based scorers, {len(wide)} {spec.unit}s,"))
     unsolvable = cells[~cells.solvable]
     notes = [f"Passkey cells solvable (oracle fits and answers ≥ {params.solvable_accuracy:.0%} of the prompts): "
              + "; ".join(f"{r.mode} @ {r.budget:g}: {'yes' if r.solvable else 'no'}" for r in cells.itertuples())
