@@ -27,7 +27,7 @@ test-fast: setup
 
 ## lab: JupyterLab on notebooks/ with the package importable
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 ## verdict-stability: every notebook on its defaults with 1 and with 2 torch threads; fails if any label differs
 verdict-stability: setup

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_ in (("validate", cmd_validate, "check parameter files"), ("run", cmd_run, "run notebooks")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("notebooks", nargs="*", help="notebook names (default: all)")
-        p.add_argument("--params", default=DEFAULT_SET, help="parameter set: params/<nb>.<SET>.yaml (default: the embedded CPU set)")
+        p.add_argument("--params", default=DEFAULT_SET, help="parameter set: params/<nb>.<SET>.yaml, or a path to a YAML file (default: the embedded CPU set)")
         p.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
         if name == "run":
             p.add_argument("-j", "--jobs", type=int, default=1, help="notebooks run in parallel processes")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .paths import params_dir
 
@@ -38,6 +38,28 @@ class NotebookParams(BaseModel):
 
     seed: int = Field(description="seed of every random choice (data subsets, random scorers, bootstrap)")
     device: str = Field(description="cpu, cuda, cuda:N or mps")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_structured_strings(cls, values: Any) -> Any:
+        """``papermill -p lengths '[1, 5, 70]'`` passes a string: for a field that is not a string, a value written
+        as a YAML / JSON list or mapping (starting with ``[`` or ``{``) is parsed first."""
+        if not isinstance(values, dict):
+            return values
+        parsed = dict(values)
+        for key, value in values.items():
+            field = cls.model_fields.get(key)
+            if field is None or field.annotation is str or not isinstance(value, str):
+                continue
+            if not value.lstrip().startswith(("[", "{")):
+                continue
+            try:
+                loaded = yaml.safe_load(value)
+            except yaml.YAMLError:
+                continue  # left as it is: the field's own validation names the problem
+            if isinstance(loaded, (list, dict)):
+                parsed[key] = loaded
+        return parsed
 
     @field_validator("device")
     @classmethod
@@ -98,8 +120,21 @@ def validate_params(cls: type[NotebookParams], values: dict[str, Any], source: s
         raise ParamsError(msg) from None
 
 
+def is_param_path(param_set: str) -> bool:
+    """A parameter set given as a YAML file (``--params my.yaml``) rather than a set name."""
+    return str(param_set).endswith((".yaml", ".yml"))
+
+
+def param_set_name(param_set: str) -> str:
+    """The name a set's outputs are filed under: the set's name, or a YAML file's stem."""
+    return Path(param_set).stem if is_param_path(param_set) else param_set
+
+
 def param_file(notebook: str, param_set: str = DEFAULT_SET) -> Path:
-    """``params/<notebook>.yaml`` for the default set, ``params/<notebook>.<set>.yaml`` otherwise."""
+    """``params/<notebook>.yaml`` for the default set, ``params/<notebook>.<set>.yaml`` for a named set, or the YAML
+    file itself when the set is given as a path (applied on top of the default set like a named set)."""
+    if is_param_path(param_set):
+        return Path(param_set).expanduser()
     suffix = "" if param_set == DEFAULT_SET else f".{param_set}"
     return params_dir() / f"{notebook}{suffix}.yaml"
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .params import DEFAULT_SET, load_params
+from .params import DEFAULT_SET, load_params, param_set_name
 from .paths import REPO_ROOT, notebooks_dir, outputs_dir
 from .runs import atomic_write_text, git_commit, package_versions
 
@@ -86,7 +86,8 @@ def plan(
     for name in names:
         params = load_params(name, param_set, overrides)
         module = experiment_module(name)
-        specs.append(RunSpec(name, param_set, params.model_dump(mode="json"), str(notebooks_dir() / f"{name}.ipynb"),
+        specs.append(RunSpec(name, param_set_name(param_set), params.model_dump(mode="json"),
+                             str(notebooks_dir() / f"{name}.ipynb"),
                              module.TITLE, module.CLAIM, timeout_s, threads))
     return specs
 
@@ -125,6 +126,8 @@ def execute(spec: RunSpec, *, show_progress: bool = True) -> RunOutcome:
     """Run one notebook in a child process and move its results into place."""
     base = outputs_dir() / spec.notebook
     base.mkdir(parents=True, exist_ok=True)
+    for stale in base.glob(f".{spec.param_set}.tmp-*"):  # left by a run that was killed before it could clean up
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.param_set}.tmp-", dir=base))
     spec_file = tmp / ".spec.json"
     spec_file.write_text(json.dumps({**asdict(spec), "output_dir": str(tmp), "progress": show_progress}))

@@ -1,6 +1,8 @@
 """requirements.lock, environment.yml, pyproject.toml and the set-up script must name the same things."""
 
+import os
 import re
+import subprocess
 import tomllib
 
 import pytest
@@ -87,3 +89,10 @@ def test_every_package_folder_is_listed_in_pyproject():
             rel = init.parent.relative_to(root).parts
             found.add(".".join((prefix, *rel)))
     assert found == listed, f"missing from pyproject: {found - listed}; listed but absent: {listed - found}"
+
+
+def test_make_lab_passes_allow_root_only_to_root():
+    """Jupyter refuses to start as root without --allow-root; containers and these machines run as root."""
+    out = subprocess.run(["make", "-n", "lab"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    lab = next(line for line in out.splitlines() if "jupyter lab" in line)
+    assert ("--allow-root" in lab) == (os.getuid() == 0)

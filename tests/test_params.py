@@ -79,3 +79,24 @@ def test_bad_override_and_unknown_set(tmp_path):
     proc = _cli("run", NB, "--params", "tpu", env=env)
     assert proc.returncode == 2 and "no parameter set 'tpu'" in proc.stderr and "default, gpu" in proc.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_papermill_strings_for_lists_and_mappings_are_parsed():
+    """`papermill -p budgets '[0.1, 0.25]'` hands the notebook a string; a list or mapping field parses it."""
+    assert Params.defaults(budgets="[0.1, 0.25]").budgets == [0.1, 0.25]
+    namespace = {**Params.defaults().model_dump(), "budgets": " [0.2, 0.5]"}
+    assert Params.from_namespace(namespace).budgets == [0.2, 0.5]
+    with pytest.raises(ParamsError, match="budgets"):  # not YAML: left as a string, and the field says what it wants
+        Params.defaults(budgets="[0.1, oops")
+
+
+def test_a_parameter_set_can_be_a_yaml_file(tmp_path):
+    from salience.runner import plan
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("n_documents: 4\n")
+    assert load_params("kv-normalized-attention", str(mine)).n_documents == 4
+    (spec,) = plan(["kv-normalized-attention"], str(mine))
+    assert spec.param_set == "mine" and spec.params["n_documents"] == 4  # outputs go to outputs/<nb>/mine/
+    with pytest.raises(ParamsError, match="missing"):
+        load_params("kv-normalized-attention", str(tmp_path / "absent.yaml"))

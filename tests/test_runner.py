@@ -82,6 +82,16 @@ def test_success_then_failure_keeps_previous_results(tmp_path, outputs):
     assert not (outputs / "tiny/default.failed").exists()  # a good run clears the failure
 
 
+def test_a_killed_runs_temporary_folder_is_cleaned_by_the_next_run(tmp_path, outputs):
+    stale = outputs / "tiny" / ".default.tmp-killed"
+    stale.mkdir(parents=True)
+    (stale / "partial.png").write_bytes(b"half")
+    other_set = outputs / "tiny" / ".gpu.tmp-running"  # another parameter set's run: not ours to remove
+    other_set.mkdir()
+    assert execute(spec(make_notebook(tmp_path / "good.ipynb")), show_progress=False).status == "ok"
+    assert not stale.exists() and other_set.exists()
+
+
 def test_timeout_stops_the_run(tmp_path, outputs):
     slow = make_notebook(tmp_path / "slow.ipynb", middle="import time\ntime.sleep(120)")
     start = time.time()
