@@ -38,7 +38,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from .. import kv_tasks
-from ..evidence import Claim, PartRule, PartSpec, check_part_rules, judge, paired_interval
+from ..evidence import Claim, PartRule, PartSpec, check_part_rules, fmt_interval, judge, paired_interval
 from ..kv_passkey import solvable_runs
 from ..kv_tasks import BASELINE, ORACLE, area_under_budget_curve
 from ..metrics import LOG_PERPLEXITY_AUC, Metric
@@ -268,14 +268,11 @@ def against_every_control(spec: PartSpec, rule: PartRule, family: pd.Series, wid
     else:
         # the comparison whose interval reaches least far toward the claim's side
         decider = min(controls, key=lambda c: judged[c].improvement[1])
-    summary = "; ".join(f"{c}: {judged[c].verdict}, {_effect(judged[c])}" for c in controls)
+    summary = "; ".join(f"{c}: {p.verdict}, {fmt_interval(p.effect, p.ci_low, p.ci_high)}"
+                        for c, p in judged.items())
     part = judged[decider]
     part.detail = f"{what} against each control ({summary}); the numbers shown are against {decider}"
     return part
-
-
-def _effect(part) -> str:
-    return f"{part.effect:+.3g} [{part.ci_low:+.3g}, {part.ci_high:+.3g}]"
 
 
 def judge_claim(areas: pd.DataFrame, cells: pd.DataFrame, params: Params) -> Claim:
