@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 JOBS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup run report test test-fast lab store verdict-stability clean-outputs
+.PHONY: setup run report test test-fast lab store verdict-stability gpu-check clean-outputs
 
 setup:
 	@bash scripts/setup.sh
@@ -32,6 +32,13 @@ lab: setup
 ## verdict-stability: every notebook on its defaults with 1 and with 2 torch threads; fails if any label differs
 verdict-stability: setup
 	$(VENV)/bin/salience stability $(NB)
+
+## gpu-check: on one H100/H200, within 9 minutes: kernel tests on CUDA, both kernel benchmarks at paper sizes
+## (benchmarks/results/*_cuda.csv), the kernel notebooks' gpu sets, benchmarks/results/gpu_check_summary.md.
+## DRY_RUN=1: on any machine, print the plan and check every step's inputs, run nothing.
+## GPU_PY=python3: use a Python that already has a CUDA torch (a lent GPU machine, offline) and skip the set-up
+gpu-check: $(if $(GPU_PY),,setup)
+	$(or $(GPU_PY),$(PY)) scripts/gpu_check.py $(if $(filter 1,$(DRY_RUN)),--dry-run)
 
 ## store NB=name: re-execute a notebook in place on its defaults (the outputs nbval compares)
 store: setup
