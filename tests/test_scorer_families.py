@@ -3,7 +3,8 @@
 Every scorer (``available_scorers()``, default parameters) must return ``(B, H or 1, K)`` finite scores on both a tiny
 causal KV-cache view and a tiny ViT view (1 [CLS] + 8 patches of a 3×3 grid, one patch already pruned), both holding
 every capture; the few rules that cannot apply (a [CLS] rule on a decoder, a spatial rule without a patch grid,
-SepLLM without separators) must raise one clear ``ValueError`` that names what is missing. A second pass gives each
+SepLLM without separators, an explanation rule that runs the model on a view without one) must raise one clear
+``ValueError`` that names what is missing. A second pass gives each
 scorer only the captures it declares in ``needs``, so a harness that captures exactly that is enough.
 """
 
@@ -14,12 +15,14 @@ from salience.scorers import AttentionView, available_scorers, get_scorer
 
 B, H, D = 2, 2, 4
 
+# rules that run the model themselves (explanation: gradients, occlusion, GlobEnc): a view of captures holds no model
+MODEL_ERRORS = {name: "attribution target" for name in available_scorers() if "model" in get_scorer(name).needs}
 # scorer → words its error must contain, per view kind; every other scorer must succeed there
 KV_ERRORS = {
     "cls_attention": "[CLS]", "multilayer_cls_attention": "[CLS]", "flowcut": "[CLS]",
-    "spatial_grid": "patch_coords", "hiprune": "patch_coords",
+    "spatial_grid": "patch_coords", "hiprune": "patch_coords", **MODEL_ERRORS,
 }
-VISION_ERRORS = {"sepllm": "separator"}
+VISION_ERRORS = {"sepllm": "separator", **MODEL_ERRORS}
 
 
 def _attention(k, causal, seed):

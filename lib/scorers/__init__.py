@@ -17,6 +17,8 @@ from . import (  # noqa: F401
 )
 from . import attention_rollout, cls_attention, dart, divprune, flowcut, graph_propagation, hiprune  # noqa: F401
 from . import spatial_grid, todre  # noqa: F401
+from . import attention_flow, attention_x_gradient, globenc, gradient_x_input  # noqa: F401
+from . import integrated_gradients, occlusion, raw_attention  # noqa: F401
 from .accumulated_attention import AccumulatedAttention
 from .attention_output_error import AttentionOutputError
 from .attention_pagerank import AttentionPageRank

@@ -11,12 +11,17 @@ Shapes used throughout:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-#: Every capture a scorer may ask for.
-CAPTURES = frozenset({"attention", "attention_layers", "key_mass", "keys", "values", "hidden", "gradients"})
+if TYPE_CHECKING:
+    from .attribution_target import AttributionTarget
+
+#: Every capture a scorer may ask for. ``model``: the view carries an :class:`AttributionTarget` (the model, its inputs
+#: and a scalar readout) that the scorer runs again (occlusion, norm-based decompositions); ``gradients``: that readout
+#: must also be differentiable with respect to the input embeddings (gradient × input, integrated gradients).
+CAPTURES = frozenset({"attention", "attention_layers", "key_mass", "keys", "values", "hidden", "gradients", "model"})
 #: The captures that read attention (a matrix or its key mass): a scorer needing any of them is attention-based
 #: (:attr:`Scorer.attention_free` is False). The one place this rule lives.
 ATTENTION_NEEDS = frozenset({"attention", "attention_layers", "key_mass"})
@@ -41,6 +46,9 @@ class AttentionView:
         patch_coords: ``(K, 2)`` int64 (row, column) of each key on the patch grid, ``-1`` for non-patch tokens
             ([CLS], registers, text); vision harnesses fill it, spatial scorers read it.
         generator: seeded generator for stochastic scorers, so runs are reproducible.
+        attribution_target: the model, its ``(B, K)`` inputs and a scalar readout per example, for the explanation
+            scorers that run the model themselves (``needs`` ``model`` / ``gradients``); see
+            :mod:`salience.scorers.attribution_target`. ``None`` in views built from captures alone.
     """
 
     key_positions: torch.Tensor
@@ -55,6 +63,7 @@ class AttentionView:
     patch_coords: torch.Tensor | None = None
     roles: dict[str, torch.Tensor] = field(default_factory=dict)
     generator: torch.Generator | None = None
+    attribution_target: AttributionTarget | None = None
 
     @property
     def num_keys(self) -> int:
@@ -70,7 +79,10 @@ class AttentionView:
                 return int(t.shape[0]), int(t.shape[1])
         if self.hidden is not None:
             return int(self.hidden.shape[0]), 1
-        raise ValueError("the view holds neither attention, key mass, keys, values nor hidden states")
+        if self.attribution_target is not None:
+            return int(self.attribution_target.embeddings.shape[0]), 1
+        raise ValueError("the view holds neither attention, key mass, keys, values, hidden states nor an attribution "
+                         "target")
 
     def mass(self) -> torch.Tensor:
         """``(B, H, K)`` attention received by each key, summed over queries."""
