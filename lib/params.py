@@ -140,13 +140,14 @@ def param_file(notebook: str, param_set: str = DEFAULT_SET) -> Path:
 
 
 def param_sets(notebook: str) -> list[str]:
-    """Names of the parameter sets available for ``notebook`` (``default`` first)."""
+    """Names of the parameter sets available for ``notebook`` (``default`` first); sweep files
+    (``<notebook>[.<name>].sweep.yaml``, :mod:`salience.sweep`) are not parameter sets."""
     sets = []
     for path in sorted(params_dir().glob(f"{notebook}*.yaml")):
         rest = path.name[len(notebook) : -len(".yaml")]
         if rest == "":
             sets.insert(0, DEFAULT_SET)
-        elif rest.startswith("."):
+        elif rest.startswith(".") and not (rest == ".sweep" or rest.endswith(".sweep")):
             sets.append(rest[1:])
     return sets
 

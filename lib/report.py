@@ -34,6 +34,7 @@ import mistune
 from salience.paths import REPO_ROOT, outputs_dir as default_outputs_dir
 from salience.references import cite_html
 from salience.report_claims import FOREST_RANGE, claim_rows, reference_rows
+from salience.report_sweep import write_sweeps_page
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 WORKBOOK = "Token salience workbook"
@@ -361,6 +362,7 @@ def _build_into(build: Path, outputs: Path, skip: set[Path], include_interactive
         forest_range=FOREST_RANGE), encoding="utf-8")
     (build / "references.html").write_text(env.get_template("references.html.j2").render(
         workbook=WORKBOOK, refs=reference_rows(notebooks)), encoding="utf-8")
+    write_sweeps_page(build, outputs, env, workbook=WORKBOOK, built=built)
 
 
 def build_report(outputs_dir: Path | None = None, dest: Path | None = None, include_interactive: bool = False) -> Path:

@@ -4,6 +4,10 @@ Each run executes in a child process (``python -m salience.runner --child SPEC``
 it, a crashed kernel cannot hang the batch, and ``-j N`` runs notebooks side by side. The child writes into a hidden
 temporary folder; only a finished run replaces ``outputs/<notebook>/<set>/``. A failed run lands in
 ``<set>.failed/`` and leaves the previous good results in place.
+
+``RunSpec.output_base`` files a run elsewhere (a sweep gives each combination its own folder: :mod:`salience.sweep`);
+``run_many(..., scheduler=ADDRESS)`` maps the same :func:`execute` onto a Dask cluster (:mod:`salience.cluster`), and
+each run.json records the process that executed it (``worker``: host, pid, Dask worker address).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +50,9 @@ class RunSpec:
     claim: str = ""
     timeout_s: float = DEFAULT_TIMEOUT_S
     threads: int | None = None  # torch / OpenMP threads of the notebook's kernel (None: torch's default)
+    #: folder holding this run's ``<param_set>[.failed]/`` folder; empty: ``outputs/<notebook>/`` of the process that
+    #: executes it (a sweep files each combination under its own folder; a cluster run fixes the client's path)
+    output_base: str = ""
 
 
 @dataclass
@@ -101,7 +109,26 @@ def _swap_in(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _failure_record(spec: RunSpec, error: dict[str, Any], started: float, wall: float) -> dict[str, Any]:
+def run_base(spec: RunSpec) -> Path:
+    """The folder that holds ``spec``'s run folder (``<param_set>/`` or ``<param_set>.failed/``)."""
+    return Path(spec.output_base) if spec.output_base else outputs_dir() / spec.notebook
+
+
+def worker_identity() -> dict[str, Any]:
+    """Who executes a run: host name, process id and, inside a Dask worker, the worker's address (else None)."""
+    address = None
+    if "distributed" in sys.modules:  # only a Dask worker has imported it; never import it just to ask
+        from distributed import get_worker
+
+        try:
+            address = get_worker().address
+        except ValueError:  # not inside a worker task
+            pass
+    return {"host": socket.gethostname(), "pid": os.getpid(), "address": address}
+
+
+def _failure_record(spec: RunSpec, error: dict[str, Any], started: float, wall: float,
+                    worker: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "notebook": spec.notebook,
         "param_set": spec.param_set,
@@ -119,15 +146,42 @@ def _failure_record(spec: RunSpec, error: dict[str, Any], started: float, wall: 
         "figures": [],
         "tables": [],
         "verdict": None,
+        "worker": worker or worker_identity(),
     }
+
+
+def _clean_stale(base: Path, spec: RunSpec) -> None:
+    """Remove temporary folders left by runs of this set that were killed before they could clean up."""
+    for stale in base.glob(f".{spec.param_set}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _file_failure(spec: RunSpec, tmp: Path, record: dict[str, Any]) -> Path:
+    """Write ``record`` as ``tmp/run.json`` and move ``tmp`` to ``<param_set>.failed/`` (the good run stays)."""
+    (tmp / "run.json").unlink(missing_ok=True)
+    atomic_write_text(tmp / "run.json", json.dumps(record, indent=2))
+    final = tmp.parent / f"{spec.param_set}.failed"
+    _swap_in(tmp, final)
+    return final
+
+
+def record_lost_run(spec: RunSpec, error: dict[str, Any], wall: float, worker: dict[str, Any]) -> RunOutcome:
+    """File a run whose executing process is gone (a Dask worker that died) as failed, like :func:`execute` files
+    its own failures: ``<param_set>.failed/run.json`` with ``error`` and the worker; previous good results stay."""
+    base = run_base(spec)
+    base.mkdir(parents=True, exist_ok=True)
+    _clean_stale(base, spec)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.param_set}.tmp-", dir=base))
+    started = time.time() - wall
+    final = _file_failure(spec, tmp, _failure_record(spec, error, started, wall, worker))
+    return RunOutcome(spec.notebook, spec.param_set, "failed", str(final), round(wall, 1), error)
 
 
 def execute(spec: RunSpec, *, show_progress: bool = True) -> RunOutcome:
     """Run one notebook in a child process and move its results into place."""
-    base = outputs_dir() / spec.notebook
+    base = run_base(spec)
     base.mkdir(parents=True, exist_ok=True)
-    for stale in base.glob(f".{spec.param_set}.tmp-*"):  # left by a run that was killed before it could clean up
-        shutil.rmtree(stale, ignore_errors=True)
+    _clean_stale(base, spec)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.param_set}.tmp-", dir=base))
     spec_file = tmp / ".spec.json"
     spec_file.write_text(json.dumps({**asdict(spec), "output_dir": str(tmp), "progress": show_progress}))
@@ -170,16 +224,13 @@ def execute(spec: RunSpec, *, show_progress: bool = True) -> RunOutcome:
         hidden.unlink(missing_ok=True)
     if error is None:
         record = json.loads((tmp / "run.json").read_text())
-        record.update(param_set=spec.param_set, wall_time_s=round(wall, 2))
+        record.update(param_set=spec.param_set, wall_time_s=round(wall, 2), worker=worker_identity())
         atomic_write_text(tmp / "run.json", json.dumps(record, indent=2))
         final = base / spec.param_set
         _swap_in(tmp, final)
         shutil.rmtree(base / f"{spec.param_set}.failed", ignore_errors=True)
         return RunOutcome(spec.notebook, spec.param_set, "ok", str(final), round(wall, 1), None, record.get("verdict"))
-    (tmp / "run.json").unlink(missing_ok=True)
-    atomic_write_text(tmp / "run.json", json.dumps(_failure_record(spec, error, started, wall), indent=2))
-    final = base / f"{spec.param_set}.failed"
-    _swap_in(tmp, final)
+    final = _file_failure(spec, tmp, _failure_record(spec, error, started, wall))
     status = "timeout" if error.get("ename") == "Timeout" else "failed"
     return RunOutcome(spec.notebook, spec.param_set, status, str(final), round(wall, 1), error)
 
@@ -210,10 +261,17 @@ def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             continue
 
 
-def run_many(specs: list[RunSpec], jobs: int = 1) -> list[RunOutcome]:
-    """Run ``specs`` (in parallel processes when ``jobs > 1``); a failure never stops the others."""
+def run_many(specs: list[RunSpec], jobs: int = 1, scheduler: str | None = None) -> list[RunOutcome]:
+    """Run ``specs`` (in parallel processes when ``jobs > 1``, on the Dask cluster whose scheduler listens at
+    ``scheduler`` when given: :mod:`salience.cluster`); a failure never stops the others."""
     from tqdm.auto import tqdm
 
+    if scheduler:
+        # imported here, not at the top: dask.distributed costs ~0.6 s to import (measured), which every runner child
+        # process would otherwise pay; only --scheduler needs it
+        from .cluster import run_on_cluster
+
+        return run_on_cluster(specs, scheduler)
     if jobs <= 1:
         outcomes = []
         for i, spec in enumerate(specs, 1):
@@ -260,6 +318,19 @@ def summary(outcomes: list[RunOutcome]) -> str:
     return "\n".join(lines)
 
 
+def _stop_when_orphaned(poll_s: float = 1.0) -> None:
+    """Stop this child (SIGTERM to itself, the timeout's path) once the process that started it is gone, e.g. a
+    Dask worker killed mid-run: nobody would collect the result, and the notebook must not run on unwatched."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 def _child(spec_file: str) -> int:
     """Inside the child process: execute one notebook with papermill and write ``.result.json``."""
     import papermill as pm
@@ -269,6 +340,7 @@ def _child(spec_file: str) -> int:
     os.environ["SALIENCE_PARAM_SET"] = spec["param_set"]  # the kernel inherits it; run.json records it
     # SIGTERM from the parent's timeout → KeyboardInterrupt, so papermill shuts the kernel down on the way out
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    _stop_when_orphaned()
     error = None
     try:
         pm.execute_notebook(

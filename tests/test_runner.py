@@ -152,7 +152,7 @@ def test_interrupting_a_parallel_batch_stops_children_and_keeps_results(tmp_path
     assert not list(outputs.glob("tiny*/.default.tmp-*"))
     assert json.loads((outputs / "tiny/default/run.json").read_text())["params"]["x"] == 7
     # children carry their spec path (inside this test's outputs folder) on the command line
-    leftover = subprocess.run(["pgrep", "-f", f"--child {outputs}"], capture_output=True, text=True).stdout
+    leftover = subprocess.run(["pgrep", "-f", "--", f"--child {outputs}"], capture_output=True, text=True).stdout
     assert not leftover.strip(), f"runner children still alive: {leftover}"
 
 
