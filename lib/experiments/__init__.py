@@ -22,6 +22,7 @@ NOTEBOOKS: dict[str, str] = {
     "kv-sinks-and-separators": "salience.experiments.kv_sinks_and_separators",
     "kv-value-aware": "salience.experiments.kv_value_aware",
     "vit-leaderboard": "salience.experiments.vit_leaderboard",
+    "centrality-lexrank": "salience.experiments.centrality_lexrank",
 }
 
 
