@@ -23,6 +23,9 @@ NOTEBOOKS: dict[str, str] = {
     "kv-value-aware": "salience.experiments.kv_value_aware",
     "vit-leaderboard": "salience.experiments.vit_leaderboard",
     "centrality-lexrank": "salience.experiments.centrality_lexrank",
+    "explain-attention-vs-gradients": "salience.experiments.explain_attention_vs_gradients",
+    "guided-visual-pruning": "salience.experiments.guided_visual_pruning",
+    "guided-whisper-pruning": "salience.experiments.guided_whisper_pruning",
 }
 
 
