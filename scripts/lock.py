@@ -54,11 +54,12 @@ def model_packages() -> list[str]:
 
 
 def frozen(python: str) -> list[str]:
-    """``name==version`` of every package in the environment but the editable project and the model packages; local
-    version labels (``+cpu``) dropped, since ``==2.13.0`` matches the CPU wheel."""
-    out = subprocess.run([python, "-m", "pip", "freeze", "--exclude-editable", "--disable-pip-version-check"],
+    """``name==version`` of every package in the environment but the editable project, the model packages and the
+    installer (pip, wheel); local version labels (``+cpu``) dropped, since ``==2.13.0`` matches the CPU wheel.
+    setuptools is pinned too (``--all``): some packages bound it (sumy: ``<82``) and a fresh venv may bring another."""
+    out = subprocess.run([python, "-m", "pip", "freeze", "--all", "--exclude-editable", "--disable-pip-version-check"],
                          capture_output=True, text=True, check=True).stdout
-    skip = {_canonical(m.split("==")[0]) for m in model_packages()}
+    skip = {_canonical(m.split("==")[0]) for m in model_packages()} | {"pip", "wheel"}
     pins = []
     for line in out.splitlines():
         if not line or line.startswith(("#", "-e")) or "==" not in line:
