@@ -205,10 +205,11 @@ def pruned_answer(reader: QuestionReader, features: torch.Tensor, question: torc
 def train_reader(features: torch.Tensor, grid_labels: torch.Tensor, *, dim: int, heads: int, layers: int,
                  epochs: int, lr: float, batch_size: int, seed: int, progress: bool = True) -> QuestionReader:
     """Train a :class:`QuestionReader` on every (grid, quadrant) question of the training grids, unpruned (AdamW,
-    cross-entropy, seeded shuffles)."""
+    cross-entropy, seeded shuffles), in the dtype of ``features``: float64 features give a reader whose training
+    does not amplify float32 round-off (which differs between CPUs and memory layouts) into a different reader."""
     torch.manual_seed(seed)
     g, p, f = features.shape
-    reader = QuestionReader(f, p, dim=dim, heads=heads, layers=layers)
+    reader = QuestionReader(f, p, dim=dim, heads=heads, layers=layers).to(features.dtype)
     questions = torch.tensor([question_tokens(q) for q in range(4)])
     grid_idx = torch.arange(g).repeat_interleave(4)
     quad_idx = torch.arange(4).repeat(g)

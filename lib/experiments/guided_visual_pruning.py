@@ -108,7 +108,8 @@ def encode_grids(vit, params: Params, split: str, n: int, progress: bool = True)
             out = encode(vit.model, pixels[start:start + params.batch_size].to(params.device), scores=request)
             feats.append(out.tokens[:, out.n_prefix:].float().cpu())
             cls.append(out.scores["cls"][:, out.n_prefix:].float().cpu())
-    return GridSet(torch.cat(feats), torch.cat(cls), torch.as_tensor(grid_labels), out.grid)
+    # float64 for the reader (see train_reader): its training then reproduces across machines
+    return GridSet(torch.cat(feats).double(), torch.cat(cls).double(), torch.as_tensor(grid_labels), out.grid)
 
 
 def answers(reader, test: GridSet, params: Params, progress: bool = True) -> pd.DataFrame:
