@@ -160,7 +160,7 @@ def rule_scores(rule: str, probs: torch.Tensor, question: torch.Tensor, cls_scor
     noise = torch.rand(b, p, generator=generator)
     if rule == "random":
         return noise
-    asked = torch.tensor([QUADRANTS.index(_quadrant_name(q)) for q in question.tolist()])
+    asked = (question[:, 1] == BOTTOM).long() * 2 + (question[:, 2] == RIGHT).long()  # inverse of question_tokens
     if rule == "asked_quadrant":
         target = asked
     elif rule == "wrong_quadrant":
@@ -168,10 +168,6 @@ def rule_scores(rule: str, probs: torch.Tensor, question: torch.Tensor, cls_scor
     else:
         raise ValueError(f"unknown rule {rule!r}; rules: {', '.join(RULES)}")
     return (quadrants[None, :] == target[:, None]).float() + noise * 0.5
-
-
-def _quadrant_name(tokens: list[int]) -> str:
-    return QUADRANTS[(tokens[1] == BOTTOM) * 2 + (tokens[2] == RIGHT)]
 
 
 def pruned_answer(reader: QuestionReader, features: torch.Tensor, question: torch.Tensor, cls_scores: torch.Tensor,

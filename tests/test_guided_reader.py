@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from salience.experiments import guided_visual_pruning as exp
-from salience.guided_reader import (QUADRANTS, RULES, TEXT_TOKENS, QuestionReader, check_keep, digit_grids,
+from salience.guided_reader import (RULES, TEXT_TOKENS, QuestionReader, check_keep, digit_grids,
                                     pruned_answer, quadrant_of_patches, question_tokens, rule_scores, train_reader)
 from salience.params import ParamsError
 
@@ -126,4 +126,3 @@ def test_gate_refuses_a_reader_that_does_not_read_the_asked_quadrant():
             rows.append(dict(question=qid, rule=rule, keep=0.25, correct=False, p_true=0.5 + 0.01 * (qid % 3)))
     with pytest.raises(ValueError, match="fails its gate"):
         exp.judge_claim(pd.DataFrame(rows), params)
-    assert QUADRANTS[0] == "top-left"

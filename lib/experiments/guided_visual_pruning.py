@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -226,7 +225,3 @@ def plot_rules(summary: pd.DataFrame):
     axes[1].get_legend().remove()
     fig.tight_layout()
     return fig
-
-
-def unpruned_accuracy(table: pd.DataFrame) -> float:
-    return float(np.mean(table[table.rule == "unpruned"].correct))
