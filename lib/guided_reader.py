@@ -7,6 +7,11 @@ once per grid. The reader (:class:`QuestionReader`) is a small pre-LN transforme
 unpruned ``[text tokens; visual tokens]`` sequence, read out at the mean of the text tokens: the analogue of an LLM
 reading visual tokens. Pruning is training-free: after reader block ``layer``, only the kept visual tokens go on.
 
+Training the reader is chaotic: features that differ in the 14th digit (another CPU's float64 kernels) train a
+reader whose pruning effects differ by up to ~0.02 of probability, as a new seed would. So a notebook reads a
+stored reader by default, like the pretrained VLM the papers prune, and :func:`save_reader` / :func:`load_reader`
+keep what it was trained with beside its weights; a reader trained with other settings is refused on load.
+
 Rules that choose the visual tokens kept (:data:`RULES`):
 
 * ``question_attention`` — FastV [@fastv], text-guided: attention the question tokens pay to each visual token at
@@ -23,6 +28,7 @@ Rules that choose the visual tokens kept (:data:`RULES`):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -222,3 +228,40 @@ def train_reader(features: torch.Tensor, grid_labels: torch.Tensor, *, dim: int,
             loss.backward()
             optimizer.step()
     return reader.eval()
+
+
+#: version of the checkpoint layout written by :func:`save_reader`
+READER_FORMAT = 1
+
+
+def save_reader(reader: QuestionReader, path: str | Path, training: dict, **provenance) -> Path:
+    """Write ``reader``'s weights with ``training`` (every setting that defines the reader: encoder, image size,
+    training grids, seed, width, heads, blocks, epochs, learning rate, batch size) and free-form ``provenance``
+    (accuracies, versions)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": READER_FORMAT, "training": dict(training), "provenance": dict(provenance),
+                "state_dict": {k: v.detach().cpu() for k, v in reader.state_dict().items()}}, path)
+    return path
+
+
+def load_reader(path: str | Path, training: dict) -> tuple[QuestionReader, dict]:
+    """``(reader, provenance)`` from a :func:`save_reader` file, refused (ValueError naming each difference) unless
+    it was trained with exactly ``training``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no reader checkpoint at {path}: train one (reader: train) or give its path")
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(stored, dict) or stored.get("format") != READER_FORMAT:
+        raise ValueError(f"{path} is not a reader checkpoint of format {READER_FORMAT}")
+    differ = {k: (stored["training"].get(k), v) for k, v in training.items() if stored["training"].get(k) != v}
+    if differ:
+        detail = "; ".join(f"{k}: stored {a!r}, asked {b!r}" for k, (a, b) in sorted(differ.items()))
+        raise ValueError(f"the reader in {path} was trained with other settings ({detail}): set reader: train to "
+                         "train one with these")
+    t = stored["training"]
+    state = stored["state_dict"]
+    reader = QuestionReader(t["feature_dim"], t["patches"], dim=t["dim"], heads=t["heads"], layers=t["layers"])
+    reader = reader.to(state["visual.weight"].dtype)
+    reader.load_state_dict(state)
+    return reader.eval(), stored["provenance"]

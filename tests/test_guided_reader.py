@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from salience.experiments import guided_visual_pruning as exp
-from salience.guided_reader import (RULES, TEXT_TOKENS, QuestionReader, check_keep, digit_grids,
-                                    pruned_answer, quadrant_of_patches, question_tokens, rule_scores, train_reader)
+from salience.guided_reader import (RULES, TEXT_TOKENS, QuestionReader, check_keep, digit_grids, load_reader,
+                                    pruned_answer, quadrant_of_patches, question_tokens, rule_scores, save_reader,
+                                    train_reader)
 from salience.params import ParamsError
 
 
@@ -104,7 +105,24 @@ def test_reader_learns_a_quadrant_lookup():
     assert acc > 0.9, acc
 
 
+def test_stored_reader_answers_as_the_trained_one_and_refuses_other_settings(tmp_path):
+    torch.manual_seed(0)
+    reader = QuestionReader(10, 16, dim=16, heads=2, layers=2).double()
+    training = dict(model="m", seed=0, dim=16, heads=2, layers=2, patches=16, feature_dim=10, epochs=3)
+    path = save_reader(reader, tmp_path / "r.pt", training, train_accuracy=0.5)
+    loaded, made = load_reader(path, training)
+    feats, question = torch.randn(5, 16, 10, dtype=torch.float64), torch.tensor([question_tokens(1)] * 5)
+    with torch.no_grad():
+        assert torch.equal(loaded(feats, question), reader.eval()(feats, question))
+    assert made == {"train_accuracy": 0.5}
+    with pytest.raises(ValueError, match=r"epochs: stored 3, asked 4.*reader: train"):
+        load_reader(path, {**training, "epochs": 4})
+    with pytest.raises(FileNotFoundError, match="reader: train"):
+        load_reader(tmp_path / "missing.pt", training)
+
+
 @pytest.mark.parametrize("override, message", [
+    (dict(reader="no/such/reader.pt"), "neither 'train' nor a file"),
     (dict(prune_layer=3), "prune_layer"),
     (dict(image_size=126), "odd patch grid"),
     (dict(judged_keeps=[0.3]), "not in keeps"),

@@ -11,6 +11,7 @@ least ``gate_accuracy`` of the test questions, and keeping only the asked quadra
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -19,11 +20,12 @@ from tqdm import tqdm
 
 from .. import evidence
 from ..data import mnist_digits
-from ..guided_reader import (QUADRANTS, RULES, TEXT_GUIDED, digit_grids, pruned_answer, quadrant_of_patches,
-                             question_tokens, train_reader)
+from ..guided_reader import (QUADRANTS, RULES, TEXT_GUIDED, QuestionReader, digit_grids, load_reader,
+                             pruned_answer, quadrant_of_patches, question_tokens, save_reader, train_reader)
 from ..harness.vit_encoder import ScoreRequest, encode
 from ..harness.vit_model import vit_parts
 from ..params import ModelName, NotebookParams
+from ..paths import REPO_ROOT
 from ..scorers import get_scorer
 from ..vision_tasks import to_pixels
 from .vision_params import ImageSize, KeepRatios
@@ -41,6 +43,10 @@ JUDGED = tuple(evidence.PartSpec(
         ("cls", "the encoder's [CLS] attention", "fastervlm"),
         ("uniform", "uniform spatial sampling", "feather"),
         ("random", "random selection", "fastv")))
+#: questions per training step of the reader
+TRAIN_BATCH = 64
+#: what ``reader`` says to train the reader in the run instead of reading a stored one
+TRAIN = "train"
 ROLE = {"question_beats_cls": "cls_attention", "question_beats_uniform": "spatial_grid",
         "question_beats_random": "random"}
 
@@ -65,6 +71,8 @@ class Params(NotebookParams):
     judged_keeps: KeepRatios = Field(description="kept shares the parts average over (a subset of keeps)")
     random_replicates: int = Field(ge=1, le=100, description="seeds of the random rule, averaged per question")
     gate_accuracy: float = Field(gt=0, le=1, description="unpruned test accuracy the reader must reach")
+    reader: str = Field(description="'train' (train the reader in this run) or a reader checkpoint trained with "
+                                    "these settings (path from the repository root)")
     parts: dict[str, evidence.PartRule] = Field(description="direction and smallest effect δ of each judged part")
 
     @field_validator("parts")
@@ -78,6 +86,8 @@ class Params(NotebookParams):
             raise ValueError(f"prune_layer ({self.prune_layer}) must be below reader_layers ({self.reader_layers})")
         if (self.image_size // 14) % 2:
             raise ValueError(f"image_size {self.image_size} gives an odd patch grid: use a multiple of 28")
+        if self.reader != TRAIN and not reader_path(self.reader).is_file():
+            raise ValueError(f"reader {self.reader!r} is neither {TRAIN!r} nor a file ({reader_path(self.reader)})")
         missing = sorted(set(self.judged_keeps) - set(self.keeps))
         if missing:
             raise ValueError(f"judged_keeps {missing} are not in keeps {self.keeps}")
@@ -109,6 +119,48 @@ def encode_grids(vit, params: Params, split: str, n: int, progress: bool = True)
             cls.append(out.scores["cls"][:, out.n_prefix:].float().cpu())
     # float64 for the reader (see train_reader): its training then reproduces across machines
     return GridSet(torch.cat(feats).double(), torch.cat(cls).double(), torch.as_tensor(grid_labels), out.grid)
+
+
+def reader_path(reader: str) -> Path:
+    """A checkpoint path as given: absolute, or from the repository root."""
+    path = Path(reader).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def reader_training(params: Params, test: GridSet) -> dict:
+    """Every setting that defines the reader (what a stored checkpoint must match)."""
+    _, patches, feature_dim = test.features.shape
+    return dict(model=params.model, image_size=params.image_size, train_grids=params.train_grids, seed=params.seed,
+                dim=params.reader_dim, heads=params.reader_heads, layers=params.reader_layers, epochs=params.epochs,
+                lr=params.lr, batch_size=TRAIN_BATCH, patches=patches, feature_dim=feature_dim)
+
+
+def accuracy(reader: QuestionReader, grids: GridSet) -> float:
+    """Unpruned accuracy over every (grid, quadrant) question of ``grids``."""
+    with torch.no_grad():
+        hits = [(reader(grids.features, torch.tensor([question_tokens(q)]).expand(len(grids.labels), -1)).argmax(-1)
+                 == grids.labels[:, q]).float() for q in range(4)]
+    return float(torch.cat(hits).mean())
+
+
+def get_reader(vit, params: Params, test: GridSet, output_dir: Path, progress: bool = True
+               ) -> tuple[QuestionReader, str]:
+    """The reader and a sentence on where it came from: trained here on ``train_grids`` fresh grids (``reader:
+    train``; saved as ``reader.pt`` in the run's folder) or read from a checkpoint trained with these settings."""
+    training = reader_training(params, test)
+    if params.reader != TRAIN:
+        reader, made = load_reader(reader_path(params.reader), training)
+        return reader, (f"Reader read from {params.reader} (trained on {params.train_grids * 4} questions, train "
+                        f"accuracy {made.get('train_accuracy', float('nan')):.3f}, torch {made.get('torch', '?')}).")
+    train = encode_grids(vit, params, "train", params.train_grids, progress=progress)
+    reader = train_reader(train.features, train.labels, dim=params.reader_dim, heads=params.reader_heads,
+                          layers=params.reader_layers, epochs=params.epochs, lr=params.lr, batch_size=TRAIN_BATCH,
+                          seed=params.seed, progress=progress)
+    train_accuracy = accuracy(reader, train)
+    path = save_reader(reader, Path(output_dir) / "reader.pt", training, train_accuracy=train_accuracy,
+                       torch=str(torch.__version__))
+    return reader, (f"Reader trained in this run on {params.train_grids * 4} questions (train accuracy "
+                    f"{train_accuracy:.3f}), saved to {path}.")
 
 
 def answers(reader, test: GridSet, params: Params, progress: bool = True) -> pd.DataFrame:
@@ -199,7 +251,10 @@ def judge_claim(table: pd.DataFrame, params: Params) -> evidence.Claim:
         f"transformer (width {params.reader_dim}) trained on {params.train_grids * 4} unpruned questions about 2×2 "
         f"MNIST grids encoded by the frozen {params.model} at {params.image_size} px, and every rule prunes after "
         f"reader block {params.prune_layer} (the text-free ones could prune earlier; here all prune at the same "
-        f"place, so only the choice of tokens differs). Parts are paired over {a.size} test questions.")
+        f"place, so only the choice of tokens differs). Parts are paired over {a.size} test questions, for one reader: "
+        f"{'trained in this run' if params.reader == TRAIN else f'read from {params.reader}, trained once with these settings'}. "
+        f"Training it is chaotic (another CPU's round-off trains another reader, as another seed would), so the "
+        f"default reads a stored reader, as the papers prune one pretrained VLM.")
     notes = [f"Gate passed: {checks.value.iloc[0]} unpruned accuracy; asked-quadrant-only minus wrong-quadrant-only "
              f"true-class probability {checks.value.iloc[1]}.",
              f"Random and the quadrant rules average {params.random_replicates} seeded replicates per question."]
