@@ -97,6 +97,18 @@ def test_attention_flow_is_the_hand_computed_max_flow_and_differs_from_rollout()
     assert flow[0, 0, 0] > flow[0, 0, 2] and rollout[0, 0, 0] == rollout[0, 0, 2]  # they rank differently
 
 
+def test_rollout_explains_the_last_token_when_asked_and_averages_rows_by_default():
+    # no [CLS]: rows of A2·A1 are [.4, .2, .4], [.5, .5, 0], [0, 0, 1]
+    view = layer_view([A1[None, None], A2[None, None]], cls=False)
+    last = get_scorer("attention_rollout", residual=0.0, query="last")(view)
+    torch.testing.assert_close(last, torch.tensor([[[0.0, 0.0, 1.0]]]))
+    torch.testing.assert_close(get_scorer("attention_rollout", residual=0.0, query="auto")(view), last)
+    torch.testing.assert_close(get_scorer("attention_rollout", residual=0.0)(view),
+                               torch.tensor([[[0.3, 0.7 / 3, 1.4 / 3]]]))
+    with pytest.raises(ValueError, match="query must be one of"):
+        get_scorer("attention_rollout", query="first")
+
+
 def test_attention_flow_bounds_by_the_narrowest_edge_where_rollout_multiplies():
     half = torch.full((1, 1, 2, 2), 0.5)
     view = layer_view([half, half])

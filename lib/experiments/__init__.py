@@ -24,6 +24,9 @@ NOTEBOOKS: dict[str, str] = {
     "vit-leaderboard": "salience.experiments.vit_leaderboard",
     "centrality-lexrank": "salience.experiments.centrality_lexrank",
     "explain-attention-vs-gradients": "salience.experiments.explain_attention_vs_gradients",
+    "explain-rollout-flow-globenc": "salience.experiments.explain_rollout_flow_globenc",
+    "explain-eviction-scores": "salience.experiments.explain_eviction_scores",
+    "speech-cross-attention": "salience.experiments.speech_cross_attention",
     "guided-visual-pruning": "salience.experiments.guided_visual_pruning",
     "guided-whisper-pruning": "salience.experiments.guided_whisper_pruning",
 }

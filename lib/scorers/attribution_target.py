@@ -97,6 +97,9 @@ class AttributionTarget:
     output: str = "probability"
     readout: Readout | None = None
     baseline_token_id: int | None = None
+    #: passed to every forward of the model (e.g. ``{"logits_to_keep": m}`` when the readout reads the last ``m``
+    #: rows only: a causal LM then skips the vocabulary projection of the others)
+    model_kwargs: dict = field(default_factory=dict)
     embeddings: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -120,7 +123,8 @@ class AttributionTarget:
     def run(self, embeddings: torch.Tensor, attention_mask: torch.Tensor, **model_kwargs):
         """``(values (N,), model outputs)`` for ``N = m·B`` rows (captum stacks ``m`` copies of the batch, step-major,
         so row ``r`` explains example ``r mod B``)."""
-        outputs = self.model(inputs_embeds=embeddings, attention_mask=attention_mask, **model_kwargs)
+        outputs = self.model(inputs_embeds=embeddings, attention_mask=attention_mask,
+                             **{**self.model_kwargs, **model_kwargs})
         if self.readout is not None:
             return self.readout(outputs, attention_mask), outputs
         index = self.target_index.to(embeddings.device)
@@ -196,10 +200,12 @@ def attribution_target(
     output: str = "probability",
     readout: Readout | None = None,
     baseline_token: int | str | None = None,
+    model_kwargs: dict | None = None,
 ) -> AttributionTarget:
     """Build an :class:`AttributionTarget` from ``input_ids`` ``(B, K)`` (or ``text`` with ``tokenizer``).
 
-    ``target_index=None`` explains the class (or next token) the model predicts on the full input. ``baseline_token``
+    ``target_index=None`` explains the class (or next token) the model predicts on the full input. ``model_kwargs``
+    go to every forward (with a ``readout`` only: the default readout reads every row's logits). ``baseline_token``
     (a token string or id, e.g. ``"[MASK]"``) is checked against ``tokenizer`` and the embedding table. Raises
     ValueError for an empty text or input, a baseline token the tokenizer does not know, or a model without logits
     and no ``readout``.
@@ -229,8 +235,10 @@ def attribution_target(
         raise ValueError("an example has no real token (attention_mask all zero): there is nothing to attribute")
     vocab_size = model.get_input_embeddings().weight.shape[0]
     baseline_id = None if baseline_token is None else check_token_id(baseline_token, tokenizer, vocab_size)
-    target = AttributionTarget(model, input_ids, mask, None, output, readout, baseline_id)
+    target = AttributionTarget(model, input_ids, mask, None, output, readout, baseline_id, dict(model_kwargs or {}))
     if readout is None:
+        if model_kwargs:
+            raise ValueError("model_kwargs change what the model returns: give them with a readout that reads it")
         with torch.no_grad():
             outputs = model(inputs_embeds=target.embeddings, attention_mask=mask)
         logits = getattr(outputs, "logits", None)
