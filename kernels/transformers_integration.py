@@ -5,17 +5,14 @@
 ...     model(**inputs)
 >>> rec.key_mass[layer_idx]        # [B, H, N_k] float32 (or [B, H_kv, N_k] with reduce_gqa=True)
 
-How it plugs in (public extension points only, no copied model code):
-
-* ``AttentionInterface.register("salience_scored", scored_attention_forward)``: the model's attention layers call
-  :func:`scored_attention_forward` instead of eager/SDPA once ``config._attn_implementation`` names it.
-* ``AttentionMaskInterface.register("salience_scored", sdpa_mask)``: transformers builds masks only for names in its
-  mask registry; an unregistered name silently gets *no mask at all* (padding ignored). SDPA's boolean mask is what
-  :func:`salience.kernels.scored_attention` takes, and like SDPA it is ``None`` for a plain causal pattern, which
-  lets CUDA inputs take the Triton path (masked inputs take the blockwise path).
-* :func:`record_key_mass` switches the model to that implementation for the duration of a ``with`` block (through
-  ``model.set_attn_implementation``) and restores the previous one afterwards. The active recorder is found through
-  a context variable, so nothing has to be threaded through ``model(...)``'s keyword arguments.
+How it plugs in (public extension points only, no copied model code): through the workbook's one attention hook
+(:mod:`salience.attention_hook`), registered with transformers' ``AttentionInterface`` and, for its masks, with
+``AttentionMaskInterface`` (an unregistered name silently gets *no mask at all*). The hook's mask format is SDPA's: a
+boolean mask, which is what :func:`salience.kernels.scored_attention` takes, or ``None`` for a plain causal pattern,
+which lets CUDA inputs take the Triton path (masked inputs take the blockwise path). :func:`record_key_mass` switches
+the model to the hook with a :class:`KeyMassRecorder` as its mode for the duration of a ``with`` block and restores
+the previous implementation afterwards; the mode is found through a context variable, so nothing has to be threaded
+through ``model(...)``'s keyword arguments.
 
 Attention weights are never materialised: ``output_attentions=True`` returns ``None`` weights on this path.
 """
@@ -23,17 +20,18 @@ Attention weights are never materialised: ``output_attentions=True`` returns ``N
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ..attention_hook import NAME, attending, install
 from .scored_attention import BACKENDS, MASS_MODES, scored_attention
 from .scored_attention.common import query_range
 
-ATTENTION_NAME = "salience_scored"
+#: the registered name a model runs under while recording (the one hook's)
+ATTENTION_NAME = NAME
 
 
 @dataclass
@@ -67,8 +65,11 @@ class KeyMassRecorder:
         if self.callback is not None:
             self.callback(layer_idx, key_mass)
 
-
-_ACTIVE: contextvars.ContextVar[KeyMassRecorder | None] = contextvars.ContextVar("salience_key_mass", default=None)
+    def attend(self, module, query, key, value, attention_mask, *, dropout=0.0, scaling=None, is_causal=None,
+               **kwargs):
+        """The one hook's mode: :func:`scored_attention_forward` recording into this recorder."""
+        return scored_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                        is_causal=is_causal, recorder=self, **kwargs)
 
 
 def _as_bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -91,18 +92,19 @@ def scored_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    recorder: KeyMassRecorder | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """An attention function with transformers' calling convention (like ``sdpa_attention_forward``).
 
     query ``[B, H_q, N_q, D]``, key/value ``[B, H_kv, N_k, D]`` (not repeated for GQA). Returns the output as
-    ``[B, N_q, H_q, D]`` and ``None`` attention weights, and hands the key mass to the active recorder.
+    ``[B, N_q, H_q, D]`` and ``None`` attention weights, and hands the key mass to ``recorder`` (without one, the
+    cheapest mass is computed and discarded).
     """
     if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
         raise NotImplementedError("scored attention supports neither logit soft-capping nor position biases")
     if dropout:
         raise NotImplementedError("scored attention has no attention dropout; call model.eval()")
-    recorder = _ACTIVE.get()
     mask = _as_bool_mask(attention_mask)
     q_len, kv_len = query.shape[2], key.shape[2]
 
@@ -140,13 +142,8 @@ def scored_attention_forward(
 
 
 def register() -> str:
-    """Register the attention and mask functions under ``"salience_scored"`` (idempotent); return the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, scored_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-    return ATTENTION_NAME
+    """Register the one attention hook and its mask format (idempotent); return its name."""
+    return install()
 
 
 @contextlib.contextmanager
@@ -171,15 +168,8 @@ def record_key_mass(
     recorder = KeyMassRecorder(mass=mass, window=window, row=row, normalize=normalize, reduce_gqa=reduce_gqa,
                                backend=backend, accumulate=accumulate, callback=callback)  # fmt: skip
     _check_settings(recorder)
-    register()
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
-    token = _ACTIVE.set(recorder)
-    try:
+    with attending(model, recorder):
         yield recorder
-    finally:
-        _ACTIVE.reset(token)
-        model.set_attn_implementation(previous)
 
 
 def _check_settings(recorder: KeyMassRecorder) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Dinov2Config, Dinov2Model
 
+from salience.attention_hook import salience_attention
 from salience.harness import token_merging as tm
 from salience.harness import vit_attention as va
 from salience.harness import vit_pruning as vp
@@ -147,7 +148,7 @@ def test_contextual_merging_groups_by_similarity():
 def _attention(q, k, v, log_sizes=None, record=False):
     state = va.AttentionState(log_sizes=log_sizes, record_probs=record)
     with va.attention_state(state):
-        out, _ = va.vit_attention(torch.nn.Identity().eval(), q, k, v, None, scaling=0.5)
+        out, _ = salience_attention(torch.nn.Identity().eval(), q, k, v, None, scaling=0.5)
     return out
 
 

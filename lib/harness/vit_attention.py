@@ -1,26 +1,25 @@
 """The vision harness's attention function and block runner: proportional attention, capture, token counting.
 
 Merged tokens carry sizes; with proportional attention every later block adds ``log(size)`` to the attention logits of
-each key (ToMe's proportional attention), through an attention function registered with transformers'
-``AttentionInterface`` that reads the sizes from a context variable. The same function captures the probabilities,
-keys and values a caller asks for, so one forward pass records only what is needed.
+each key (ToMe's proportional attention). :class:`AttentionState` is a mode of the workbook's one attention hook
+(:mod:`salience.attention_hook`): set for a block by :func:`run_block`, it adds the sizes and captures the
+probabilities, keys and values a caller asks for, so one forward pass records only what is needed.
 
 Every block's input length is recorded by a forward pre-hook (:func:`counting_tokens`): proof, not bookkeeping.
 """
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from ..attention_hook import NAME, active_mode, attending, install
 
-ATTENTION = "salience_vit"
+#: the registered name a ViT runs under in the harness (the one hook's)
+ATTENTION = NAME
 
 
 @dataclass
@@ -38,59 +37,41 @@ class AttentionState:
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
 
+    def attend(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, *, dropout: float = 0.0, scaling: float | None = None,
+               is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bidirectional attention with optional ``log(size)`` key bias and capture.
 
-_state: contextvars.ContextVar[AttentionState | None] = contextvars.ContextVar("salience_vit", default=None)
-
-
-def vit_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                  **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Bidirectional attention with optional ``log(size)`` key bias and capture.
-
-    query/key/value ``(B, H, K, D)``; returns ``(B, K, H, D)`` and the probabilities when they were computed.
-    Without capture it calls PyTorch's fused ``scaled_dot_product_attention`` (the bias as a float mask), so timing
-    a reduced model measures real work, not a slow eager path.
-    """
-    state = _state.get() or AttentionState()
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    bias = attention_mask
-    if state.log_sizes is not None:
-        size_bias = state.log_sizes[:, None, None, :].to(query.dtype)
-        bias = size_bias if bias is None else bias + size_bias
-    if state.record_kv:
-        state.keys, state.values = key, value
-    if not state.record_probs:
-        out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale,
-                                                         dropout_p=dropout if module.training else 0.0)
-        return out.transpose(1, 2).contiguous(), None
-    logits = torch.matmul(query, key.transpose(2, 3)) * scale
-    if bias is not None:
-        logits = logits + bias
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    state.probs = probs
-    out = torch.matmul(probs.to(query.dtype), value)
-    return out.transpose(1, 2).contiguous(), probs
-
-
-def install() -> str:
-    """Register :func:`vit_attention` (idempotent); returns its name."""
-    AttentionInterface.register(ATTENTION, vit_attention)
-    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    return ATTENTION
+        query/key/value ``(B, H, K, D)``; returns ``(B, K, H, D)`` and the probabilities when they were computed.
+        Without capture it calls PyTorch's fused ``scaled_dot_product_attention`` (the bias as a float mask), so
+        timing a reduced model measures real work, not a slow eager path.
+        """
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        bias = attention_mask
+        if self.log_sizes is not None:
+            size_bias = self.log_sizes[:, None, None, :].to(query.dtype)
+            bias = size_bias if bias is None else bias + size_bias
+        if self.record_kv:
+            self.keys, self.values = key, value
+        if not self.record_probs:
+            out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale,
+                                                             dropout_p=dropout if module.training else 0.0)
+            return out.transpose(1, 2).contiguous(), None
+        logits = torch.matmul(query, key.transpose(2, 3)) * scale
+        if bias is not None:
+            logits = logits + bias
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        self.probs = probs
+        out = torch.matmul(probs.to(query.dtype), value)
+        return out.transpose(1, 2).contiguous(), probs
 
 
 @contextmanager
 def using_vit_attention(model: nn.Module) -> Iterator[None]:
-    """Within the block ``model`` runs :func:`vit_attention`; its previous implementation is restored afterwards."""
-    install()
-    previous = model.config._attn_implementation
-    if previous != ATTENTION:
-        model.set_attn_implementation(ATTENTION)
-    try:
+    """Within the block ``model`` runs the one hook, in a plain :class:`AttentionState` unless :func:`run_block`
+    sets a block's own; its previous implementation is restored afterwards."""
+    with attending(model, AttentionState()):
         yield
-    finally:
-        if previous != ATTENTION:
-            model.set_attn_implementation(previous)
 
 
 @contextmanager
@@ -106,12 +87,9 @@ def counting_tokens(blocks: Sequence[nn.Module], counts: list[int]) -> Iterator[
 
 @contextmanager
 def attention_state(state: AttentionState) -> Iterator[AttentionState]:
-    """Within the block :func:`vit_attention` reads (and records into) ``state``."""
-    token = _state.set(state)
-    try:
+    """Within the block the one hook reads (and records into) ``state``."""
+    with active_mode(state):
         yield state
-    finally:
-        _state.reset(token)
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, state: AttentionState) -> torch.Tensor:
@@ -121,5 +99,5 @@ def run_block(block: nn.Module, hidden: torch.Tensor, state: AttentionState) -> 
     return out[0] if isinstance(out, tuple) else out
 
 
-__all__ = ["ATTENTION", "AttentionState", "attention_state", "counting_tokens", "install", "run_block", "using_vit_attention",
-           "vit_attention"]
+__all__ = ["ATTENTION", "AttentionState", "attention_state", "counting_tokens", "install", "run_block",
+           "using_vit_attention"]

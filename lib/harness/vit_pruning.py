@@ -10,7 +10,7 @@ This is a different setting from the VLM papers' (FasterVLM, VTC-CLS, VisionZip,
 Reductions really shorten the sequence (gather / scatter), they do not mask; the decision is the pure
 :func:`~salience.harness.token_merging.reduction_map` (``"drop"``, ``"tome"``, ``"visionzip"``). [CLS] and registers
 are always kept and do not count in the budget. Merged tokens carry sizes and later blocks add ``log(size)`` to their
-logits (:mod:`salience.harness.vit_attention`). Every block's input length is recorded by a forward pre-hook and
+logits (:mod:`salience.harness.vit_attention`, a mode of :mod:`salience.attention_hook`). Every block's input length is recorded by a forward pre-hook and
 asserted against the plan; FLOPs are estimated from the config and those lengths; wall seconds are measured per phase.
 """
 
@@ -33,7 +33,6 @@ from .vit_attention import (
     install,
     run_block,
     using_vit_attention,
-    vit_attention,
 )
 from .vit_model import (
     VitParts,
@@ -356,7 +355,6 @@ __all__ = [
     "prune_vit",
     "reduce_and_finish",
     "replicate_seed",
-    "vit_attention",
     "vit_parts",
     "vit_forward",
     "vit_prefix",

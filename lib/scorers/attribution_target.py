@@ -28,8 +28,9 @@ from .base import AttentionView
 
 #: what the default readout takes of the predicted class's (or next token's) logit
 OUTPUTS = ("probability", "log_probability", "logit")
-#: attention implementations that return the attention probabilities (``salience_capture`` is the harness's eager twin)
-WEIGHT_RETURNING_ATTENTION = ("eager", "salience_capture")
+#: attention implementations that return the attention probabilities (the harness's one hook returns them only in
+#: its capture mode, inside a capture block, so a model configured with it is not counted)
+WEIGHT_RETURNING_ATTENTION = ("eager",)
 
 Readout = Callable[[object, torch.Tensor], torch.Tensor]
 
