@@ -14,11 +14,11 @@ Settings (one row each; the scorer rows once per ``--scorers`` entry):
   eager         plain eager attention, full cache, no hook, no scoring. The baseline.
   hook          full cache, attention through the harness's capture hook (``capture_attention``) with a no-op
                 callback: the hook's own cost (it materialises the float32 probabilities and calls back per layer).
-  bookkeeping   full cache, hook + the streaming harness's per-layer bookkeeping (``_LayerState.absorb``: running
+  bookkeeping   full cache, hook + the streaming harness's per-layer bookkeeping (``LayerState.absorb``: running
                 key mass + positions; attention-free scorers such as recency only append positions, without hook).
   evict         the cache is first evicted from L to the budget (once, not timed); then each step decodes one token
                 with bookkeeping, and once the cache holds ``budget + evict_every`` entries calls the harness's
-                ``_evict`` (score, top-k with sinks, gather keys/values), back to the budget: with
+                ``evict_layers`` (score, top-k with sinks, gather keys/values), back to the budget: with
                 ``evict_every`` = 1 (one row per ``--evict-every`` value) every step drops one token per layer, as
                 ``stream_perplexity(chunk_size=1)`` does by default; with k > 1 every k-th step drops k tokens and
                 the cache holds up to budget + k - 1 entries in between (``stream_perplexity(evict_every=k)``).
@@ -31,13 +31,13 @@ is one step, except for ``evict`` rows with ``evict_every`` = k > 1, where it is
 next, eviction included; each time is the median over the complete cycles among the ``--steps`` steps after
 ``--warmup`` steps of the per-step mean within the cycle, so an amortised eviction is charged in full:
   time_ms        wall time of one decode step: the forward pass (callbacks included) plus, for ``evict``, the
-                 ``_evict`` call. Switching the model to the capture hook and back happens outside it.
+                 ``evict_layers`` call. Switching the model to the capture hook and back happens outside it.
   cycles         how many complete cycles the medians are over.
   max_cache_len  the largest cache the setting held (after a step's forward pass, before its eviction): budget + 1
                  for ``evict_every`` = 1, budget + k with k.
   bookkeeping_ms (bookkeeping / evict rows) the time spent inside the per-layer bookkeeping (``absorb``, or the
                  position append for attention-free scorers), summed over the 30 layers: part of ``time_ms``.
-  evict_ms       (evict rows) the ``_evict`` part of ``time_ms`` alone: scoring + selection + gather, 30 layers.
+  evict_ms       (evict rows) the ``evict_layers`` part of ``time_ms`` alone: scoring + selection + gather, 30 layers.
   machinery_pct  100 * (bookkeeping_ms + evict_ms) / time_ms(eager, same L): the directly timed cost of the
                  scorer's machinery as a share of a plain full-cache decode step. It leaves out the hook's own cost
                  beyond the callback (see the ``hook`` row) and any saving from attending over a smaller cache.
@@ -126,11 +126,11 @@ def prefill(model, ids, decay: float | None):
     from transformers import DynamicCache
 
     from salience.harness.attention_capture import capture_attention
-    from salience.harness.kv_streaming import _LayerState
+    from salience.harness.kv_eviction import LayerState
 
     config = model.config
     cache = DynamicCache(config=config)
-    states = [_LayerState() for _ in range(config.num_hidden_layers)]
+    states = [LayerState() for _ in range(config.num_hidden_layers)]
     positions = torch.arange(ids.shape[1])
 
     def on_attention(layer_idx, probs, key, value):
@@ -144,11 +144,11 @@ def prefill(model, ids, decay: float | None):
 
 
 def copy_states(states):
-    from salience.harness.kv_streaming import _LayerState
+    from salience.harness.kv_eviction import LayerState
 
     out = []
     for s in states:
-        t = _LayerState()
+        t = LayerState()
         t.mass = None if s.mass is None else s.mass.clone()
         t.positions = s.positions.clone()
         out.append(t)
@@ -161,13 +161,13 @@ class Setting:
     def __init__(self, model, kv, states, ids, L, *, setting, scorer, budget, n_sink, evict_every=1):
         import torch
 
-        from salience.harness.kv_streaming import _evict, _needs_attention
+        from salience.harness.kv_eviction import evict_layers, needs_attention
 
         self.model, self.ids, self.L, self.setting, self.scorer = model, ids, L, setting, scorer
         self.budget, self.n_sink, self.evict_every = budget, n_sink, evict_every
         self.max_cache_len = 0
         self.cycle: list[tuple[float, float, float]] | None = []  # (step, evict, bookkeeping) ms; None: incomplete
-        self.uses_attention = scorer is not None and _needs_attention(scorer)
+        self.uses_attention = scorer is not None and needs_attention(scorer)
         self.hooked = setting == "hook" or (setting in ("bookkeeping", "evict") and self.uses_attention)
         self.cache = clone_cache(model.config, kv, upto=budget if setting == "eager_budget" else None)
         self.layers = None
@@ -181,7 +181,7 @@ class Setting:
             _malloc_trim()
             rss0, full = _rss_mib(), kv_bytes(self.cache)
             with torch.inference_mode():
-                _evict(self.cache, self.layers, scorer, budget, n_sink, 0, L - 1, self.gen)
+                evict_layers(self.cache, self.layers, scorer, budget, n_sink, 0, L - 1, self.gen)
             after = kv_bytes(self.cache)
             gc.collect()
             rss1 = _rss_mib()
@@ -197,7 +197,7 @@ class Setting:
         import torch
 
         from salience.harness.attention_capture import capture_attention
-        from salience.harness.kv_streaming import _evict
+        from salience.harness.kv_eviction import evict_layers
 
         pos = self.L + i
         positions = torch.tensor([pos])
@@ -224,7 +224,7 @@ class Setting:
             length = self.cache.get_seq_length()
             evicts = self.setting == "evict" and length >= self.budget + self.evict_every
             if evicts:
-                _evict(self.cache, self.layers, self.scorer, self.budget, self.n_sink, 0, pos, self.gen)
+                evict_layers(self.cache, self.layers, self.scorer, self.budget, self.n_sink, 0, pos, self.gen)
             t2 = time.perf_counter()
         self.max_cache_len = max(self.max_cache_len, length)
         if evicts:
@@ -260,9 +260,9 @@ class Setting:
 def _state_with_positions(L):
     import torch
 
-    from salience.harness.kv_streaming import _LayerState
+    from salience.harness.kv_eviction import LayerState
 
-    s = _LayerState()
+    s = LayerState()
     s.append_positions(torch.arange(L))
     return s
 

@@ -23,7 +23,7 @@ from distributed.scheduler import KilledWorker
 from tqdm.auto import tqdm
 
 from .paths import outputs_dir
-from .runner import RunOutcome, RunSpec, _line, execute, record_lost_run
+from .runner import RunOutcome, RunSpec, outcome_line, execute, record_lost_run
 
 #: seconds to wait for the scheduler before giving up
 CONNECT_TIMEOUT_S = 30
@@ -79,7 +79,7 @@ def run_on_cluster(specs: list[RunSpec], address: str) -> list[RunOutcome]:
                         outcomes[i] = record_lost_run(spec, error, time.time() - submitted,
                                                       {"host": None, "pid": None, "address": None})
                     bar.update(1)
-                    bar.write(_line(outcomes[i]))
+                    bar.write(outcome_line(outcomes[i]))
         except KeyboardInterrupt:
             client.cancel(list(futures))
             raise

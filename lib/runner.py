@@ -277,7 +277,7 @@ def run_many(specs: list[RunSpec], jobs: int = 1, scheduler: str | None = None) 
         for i, spec in enumerate(specs, 1):
             print(f"[{i}/{len(specs)}] {spec.notebook} ({spec.param_set})", file=sys.stderr, flush=True)
             outcomes.append(execute(spec, show_progress=True))
-            print(f"    -> {_line(outcomes[-1])}", file=sys.stderr, flush=True)
+            print(f"    -> {outcome_line(outcomes[-1])}", file=sys.stderr, flush=True)
         return outcomes
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
@@ -287,7 +287,7 @@ def run_many(specs: list[RunSpec], jobs: int = 1, scheduler: str | None = None) 
             for future in futures:
                 outcomes.append(future.result())
                 bar.update(1)
-                bar.write(_line(outcomes[-1]))
+                bar.write(outcome_line(outcomes[-1]))
         return outcomes
     except KeyboardInterrupt:
         _INTERRUPTED.set()
@@ -303,7 +303,8 @@ def run_many(specs: list[RunSpec], jobs: int = 1, scheduler: str | None = None) 
         _INTERRUPTED.clear()
 
 
-def _line(o: RunOutcome) -> str:
+def outcome_line(o: RunOutcome) -> str:
+    """One line on a finished run: status, notebook, parameter set, wall time, then its verdict or its error."""
     head = f"{o.status.upper():8s} {o.notebook} [{o.param_set}] {o.wall_time_s:.0f}s"
     if o.error:
         cell = f"cell [{o.error['cell']}] of executed.ipynb: " if o.error.get("cell") is not None else ""
@@ -314,7 +315,7 @@ def _line(o: RunOutcome) -> str:
 
 def summary(outcomes: list[RunOutcome]) -> str:
     ok = sum(o.status == "ok" for o in outcomes)
-    lines = [f"{ok}/{len(outcomes)} notebook runs succeeded"] + ["  " + _line(o) for o in outcomes]
+    lines = [f"{ok}/{len(outcomes)} notebook runs succeeded"] + ["  " + outcome_line(o) for o in outcomes]
     return "\n".join(lines)
 
 

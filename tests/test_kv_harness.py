@@ -181,13 +181,13 @@ def test_other_scorers_stream_under_the_budget(lm, scorer):
 
 def test_running_mass_decays_like_a2sf():
     """Two chunks absorbed with decay f equal Σ_q f^(t−q) a_q over every query seen, per key."""
-    from salience.harness.kv_eviction import _LayerState
+    from salience.harness.kv_eviction import LayerState
 
     torch.manual_seed(0)
     f = 0.7
     first = torch.softmax(torch.randn(1, 2, 3, 3), -1)   # queries 0..2 over keys 0..2
     second = torch.softmax(torch.randn(1, 2, 2, 5), -1)  # queries 3..4 over keys 0..4
-    state = _LayerState()
+    state = LayerState()
     state.absorb(first, torch.arange(3), f)
     state.absorb(second, torch.arange(3, 5), f)
     rows = [torch.nn.functional.pad(first[:, :, i], (0, 2)) for i in range(3)] + [second[:, :, i] for i in range(2)]

@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from salience.harness import compress_prefill, stream_perplexity
-from salience.harness.kv_eviction import _evict, _LayerState
+from salience.harness.kv_eviction import evict_layers, LayerState
 from salience.harness.kv_streaming import Stream, stream_batch
 from salience.scorers import AttentionView, Scorer, get_scorer
 
@@ -73,13 +73,13 @@ def test_per_kv_head_keeps_budget_per_head_and_heads_differ(tiny):
 
 def test_per_kv_head_ranks_by_the_gqa_group_mean():
     """Hand computation: 4 query heads, 2 KV heads; each group's mean mass decides that head's kept slots."""
-    state = _LayerState(kv_heads=2)
+    state = LayerState(kv_heads=2)
     mass = torch.tensor([[[5.0, 0, 1, 0], [5.0, 0, 1, 0], [0, 3, 0, 1], [0, 3, 0, 2]]])  # (1, 4, 4)
     state.mass, state.positions = mass.clone(), torch.arange(10, 14).expand(1, 2, -1)
     keys = torch.arange(2 * 4, dtype=torch.float32).view(1, 2, 4, 1)
     cache = DynamicCache()
     cache.update(keys.clone(), keys.clone(), 0)
-    _evict(cache, [state], get_scorer("accumulated_attention"), 2, 0, 0, 13, None)
+    evict_layers(cache, [state], get_scorer("accumulated_attention"), 2, 0, 0, 13, None)
     assert state.positions.tolist() == [[[10, 12], [11, 13]]]  # head 0 keeps slots 0, 2; head 1 keeps 1, 3
     assert cache.layers[0].keys[0, :, :, 0].tolist() == [[0.0, 2.0], [5.0, 7.0]]
     torch.testing.assert_close(state.mass, torch.tensor([[[5.0, 1], [5.0, 1], [3.0, 1], [3.0, 2]]]))
@@ -396,10 +396,10 @@ def test_decays_are_per_row():
     """Two rows absorbed with decays 1 and 0.5 equal each row absorbed alone."""
     torch.manual_seed(0)
     probs = torch.softmax(torch.randn(2, 2, 3, 3), -1)
-    both = _LayerState(rows=2)
+    both = LayerState(rows=2)
     both.absorb(probs, torch.arange(3), torch.tensor([1.0, 0.5]))
     for r, f in enumerate((1.0, 0.5)):
-        alone = _LayerState()
+        alone = LayerState()
         alone.absorb(probs[r : r + 1], torch.arange(3), f)
         torch.testing.assert_close(both.mass[r : r + 1], alone.mass)
     torch.testing.assert_close(both.mass[1, :, 0], 0.25 * probs[1, :, 0, 0] + 0.5 * probs[1, :, 1, 0]

@@ -14,7 +14,7 @@ from ..scorers.base import AttentionView, Scorer
 from ..selection import protected_mask, select_topk
 
 
-class _LayerState:
+class LayerState:
     """Running key mass and original positions of one layer's cache entries, for ``rows`` rows of a batch.
 
     ``kv_heads=None`` (shared): positions ``(R, K)``, one token set per row for all heads. ``kv_heads=n`` (per KV head):
@@ -76,20 +76,20 @@ class _LayerState:
         self.chunk_attention = None  # its key axis no longer matches the cache
 
     @staticmethod
-    def stack_rows(states: list["_LayerState"]) -> "_LayerState":
+    def stack_rows(states: list["LayerState"]) -> "LayerState":
         """One state holding the rows of ``states`` in order (same layer, same number of cache slots)."""
-        out = _LayerState(states[0].kv_heads, rows=sum(s.rows for s in states))
+        out = LayerState(states[0].kv_heads, rows=sum(s.rows for s in states))
         for name in ("positions", "mass", "chunk_attention"):
             parts = [getattr(s, name) for s in states]
             setattr(out, name, None if parts[0] is None else torch.cat(parts))
         out.chunk_positions = states[0].chunk_positions
         return out
 
-    def fork(self, rows: torch.Tensor, mass: torch.Tensor | None = None, attending: bool = True) -> "_LayerState":
+    def fork(self, rows: torch.Tensor, mass: torch.Tensor | None = None, attending: bool = True) -> "LayerState":
         """A state for ``rows`` (indices into this state's rows), optionally with its own ``(len(rows), H_q, K)``
         mass (rows that age their mass differently); ``attending=False`` drops the mass and attention (rows whose
         scorers read neither, so no capture keeps them up to date)."""
-        out = _LayerState(self.kv_heads, rows=len(rows))
+        out = LayerState(self.kv_heads, rows=len(rows))
         out.positions = self.positions.index_select(0, rows)
         out.chunk_positions = self.chunk_positions
         if not attending:
@@ -103,7 +103,10 @@ class _LayerState:
         return out
 
 
-def _needs_attention(scorer: Scorer) -> bool:
+def needs_attention(scorer: Scorer) -> bool:
+    """Whether the streaming harness must capture one layer's attention (or its key mass) for ``scorer``. Narrower
+    than :attr:`Scorer.attention_free`: a scorer that needs every layer (``attention_layers``) is attention-based
+    but gets nothing more here, since eviction runs layer by layer."""
     return bool(scorer.needs & {"attention", "key_mass"})
 
 
@@ -116,7 +119,7 @@ def _per_row(value, rows: int, what: str) -> list:
     return [value] * rows
 
 
-def _record_eviction(results: list, cache: DynamicCache, layers: list[_LayerState], budget: int) -> None:
+def record_eviction(results: list, cache: DynamicCache, layers: list[LayerState], budget: int) -> None:
     """Assert that every layer's cache tensor, and every row's (and KV head's) distinct tokens, hold exactly
     ``budget`` entries; record each row's counts."""
     lengths = [int(layer.keys.shape[-2]) for layer in cache.layers]
@@ -141,11 +144,11 @@ def _record_eviction(results: list, cache: DynamicCache, layers: list[_LayerStat
         result.max_cache_len = max(result.max_cache_len, max(lengths))
 
 
-def _view(state: _LayerState, layer, row: int, scorer: Scorer, positions: torch.Tensor, newest: int, generator,
+def _view(state: LayerState, layer, row: int, scorer: Scorer, positions: torch.Tensor, newest: int, generator,
           roles, heads=None, kv_head=None) -> AttentionView:
     """The scorer's view of one row's cache in one layer (``heads``: the query heads of ``kv_head``'s group)."""
     rows = slice(row, row + 1)
-    reads_attention = _needs_attention(scorer)  # a view holds the same captures alone as in any batch
+    reads_attention = needs_attention(scorer)  # a view holds the same captures alone as in any batch
     attention = None if state.chunk_attention is None or not reads_attention else state.chunk_attention[rows]
     mass = None if state.mass is None or not reads_attention else state.mass[rows]
     keys, values = layer.keys[rows], layer.values[rows]
@@ -166,13 +169,13 @@ def _view(state: _LayerState, layer, row: int, scorer: Scorer, positions: torch.
     )
 
 
-def _row_ranking(state: _LayerState, layer, row: int, scorer, newest, generator, roles) -> torch.Tensor:
+def _row_ranking(state: LayerState, layer, row: int, scorer, newest, generator, roles) -> torch.Tensor:
     """One row's float32 ranking in one layer: ``(K,)`` shared (mean over all heads) or ``(H_kv, K)`` (each GQA
     group's mean)."""
     positions = state.positions[row]
     if state.kv_heads is None:
         return scorer(_view(state, layer, row, scorer, positions, newest, generator, roles)).float().mean(dim=1)[0]
-    h_q = state.mass.shape[1] if state.mass is not None and _needs_attention(scorer) else state.kv_heads
+    h_q = state.mass.shape[1] if state.mass is not None and needs_attention(scorer) else state.kv_heads
     group = max(h_q // state.kv_heads, 1)
     return torch.stack([
         scorer(_view(state, layer, row, scorer, positions[h], newest, generator, roles,
@@ -181,7 +184,7 @@ def _row_ranking(state: _LayerState, layer, row: int, scorer, newest, generator,
     ])
 
 
-def _evict(cache, layers, scorer, budget, n_sink, recent_window, newest, generator, *, roles=None) -> None:
+def evict_layers(cache, layers, scorer, budget, n_sink, recent_window, newest, generator, *, roles=None) -> None:
     """Score every row's cache in every layer and keep ``budget`` entries per row and layer (per KV head in per-head
     mode).
 

@@ -42,7 +42,7 @@ from transformers import DynamicCache
 
 from ..scorers.base import Scorer
 from .attention_capture import capture_attention, check_attention_path
-from .kv_eviction import _evict, _LayerState, _needs_attention, _record_eviction
+from .kv_eviction import LayerState, evict_layers, needs_attention, record_eviction
 from .roles import resolve_roles
 
 HEAD_MODES = ("shared", "per_kv_head")
@@ -193,7 +193,7 @@ class _Fork:
     chunk: int
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    states: dict[float, list[_LayerState]]
+    states: dict[float, list[LayerState]]
     nll: torch.Tensor
     n_predicted: int
 
@@ -313,10 +313,10 @@ def _run_trunk(model, input_ids, doc_range: range, streams, chunks, forks_at, kv
     input_ids = input_ids[doc_range.start : doc_range.stop]
     docs = input_ids.shape[0]
     num_layers = model.config.num_hidden_layers
-    attending = [s.scorer for s in streams if _needs_attention(s.scorer)]
+    attending = [s.scorer for s in streams if needs_attention(s.scorer)]
     decays = sorted({float(s.mass_decay) for s in attending}) or [1.0]
     keep_attention = any("attention" in s.needs for s in attending)
-    states = {d: [_LayerState(kv_heads, rows=docs) for _ in range(num_layers)] for d in decays}
+    states = {d: [LayerState(kv_heads, rows=docs) for _ in range(num_layers)] for d in decays}
     cache = DynamicCache(config=model.config)
     nll = torch.zeros(docs, dtype=torch.float64)
     n_predicted = 0
@@ -366,7 +366,7 @@ def _merge_trunks(trunks: list[_Trunk]) -> _Trunk:
         parts = [t.forks[c] for t in trunks]
         forks[c] = _Fork(chunk=c, keys=[torch.cat(k) for k in zip(*(f.keys for f in parts))],
                          values=[torch.cat(v) for v in zip(*(f.values for f in parts))],
-                         states={d: [_LayerState.stack_rows(list(layer))
+                         states={d: [LayerState.stack_rows(list(layer))
                                      for layer in zip(*(f.states[d] for f in parts))] for d in first.states},
                          nll=torch.cat([f.nll for f in parts]), n_predicted=first.n_predicted)
     return _Trunk(nll=torch.cat([t.nll for t in trunks]), n_predicted=trunks[0].n_predicted, forks=forks)
@@ -382,7 +382,7 @@ def _run_group(model, input_ids, streams, fork, chunks, budget, kv_heads, head_m
     generators = [s.generator for s in streams]
     n_sink = [s.n_sink for s in streams]
     recent = [s.recent_window for s in streams]
-    decay_of = [float(s.mass_decay) if _needs_attention(s) else None for s in scorers]
+    decay_of = [float(s.mass_decay) if needs_attention(s) else None for s in scorers]
     attending = any(d is not None for d in decay_of)
     keep_attention = any("attention" in s.needs for s in scorers)
     decays = torch.tensor([d if d is not None else 1.0 for d in decay_of], dtype=torch.float32, device=device)
@@ -408,8 +408,8 @@ def _run_group(model, input_ids, streams, fork, chunks, budget, kv_heads, head_m
     positions = torch.empty(0, dtype=torch.long, device=device)
 
     def evict(newest: int) -> None:
-        _evict(cache, layers, scorers, budget, n_sink, recent, newest, generators, roles=roles)
-        _record_eviction(results, cache, layers, budget)
+        evict_layers(cache, layers, scorers, budget, n_sink, recent, newest, generators, roles=roles)
+        record_eviction(results, cache, layers, budget)
 
     evict(chunks[fork.chunk][1] - 1)
 
