@@ -36,6 +36,10 @@ from .seeding import unit_seed
 RANDOM = "random"
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 # ------------------------------------------------------------------------------------------------ classifier head
 @dataclass(frozen=True)
 class LinearHead:
@@ -54,7 +58,7 @@ class LinearHead:
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, C)`` logits of ``(N, d)`` pooled features."""
-        return features.float() @ self.weight.T + self.bias
+        return features.float() @ self.weight.T.to(features.device) + self.bias.to(features.device)
 
 
 def pooled_features(model: torch.nn.Module, tokenizer, texts: Sequence[str], *, max_tokens: int,
@@ -67,8 +71,9 @@ def pooled_features(model: torch.nn.Module, tokenizer, texts: Sequence[str], *, 
         for start in range(0, len(texts), batch_size):
             enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
                             max_length=max_tokens, return_tensors="pt")
+            enc = {k: v.to(_device(model)) for k, v in enc.items()}
             hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-            out.append(mean_pool(hidden, enc["attention_mask"], normalize=False).float().numpy())
+            out.append(mean_pool(hidden, enc["attention_mask"], normalize=False).float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -113,6 +118,7 @@ def classifier_target(model: torch.nn.Module, tokenizer, head: LinearHead, text:
     """The attribution target of one text: the head's ``output`` for the class it predicts on the full text."""
     enc = tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt")
     with torch.no_grad():
+        enc = {k: v.to(_device(model)) for k, v in enc.items()}
         hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         label = int(head.logits(mean_pool(hidden, enc["attention_mask"], normalize=False)).argmax(-1))
     return attribution_target(model, enc["input_ids"], enc["attention_mask"], tokenizer=tokenizer,

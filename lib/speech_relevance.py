@@ -60,11 +60,11 @@ def predicting_rows(n: int) -> torch.Tensor:
 def cross_attention_maps(model, features: torch.Tensor, tokens: list[int], speech_frames: int) -> np.ndarray:
     """``(layers, heads, n, F)`` float64: the cross-attention of the rows predicting each generated token over the
     first ``F = speech_frames`` encoder frames, from one teacher-forced pass (eager attention)."""
-    ids = decoder_ids(tokens)
+    ids = decoder_ids(tokens).to(features.device)
     out = model(input_features=features, decoder_input_ids=ids, output_attentions=True)
-    rows = predicting_rows(len(tokens))
+    rows = predicting_rows(len(tokens)).to(features.device)
     maps = torch.stack([a[0][:, rows, :speech_frames] for a in out.cross_attentions])  # (L, H, n, F)
-    return maps.double().numpy()
+    return maps.double().cpu().numpy()
 
 
 def saliency_maps(model, features: torch.Tensor, tokens: list[int], speech_frames: int, chunk: int = 8
@@ -82,8 +82,9 @@ def saliency_maps(model, features: torch.Tensor, tokens: list[int], speech_frame
 
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    ids, n = decoder_ids(tokens), len(tokens)
-    rows, targets = predicting_rows(n), torch.tensor(tokens)
+    device = features.device
+    ids, n = decoder_ids(tokens).to(device), len(tokens)
+    rows, targets = predicting_rows(n).to(device), torch.tensor(tokens, device=device)
     x = features.detach().clone().requires_grad_(True)
     per_mel = []
     with torch.enable_grad():
@@ -91,13 +92,14 @@ def saliency_maps(model, features: torch.Tensor, tokens: list[int], speech_frame
         copies = hidden.detach().expand(n, -1, -1).clone().requires_grad_(True)  # copy j explains token j
         logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=copies),
                        decoder_input_ids=ids.expand(n, -1)).logits
-        log_probs = logits[torch.arange(n), rows].float().log_softmax(-1)[torch.arange(n), targets]
+        every = torch.arange(n, device=device)
+        log_probs = logits[every, rows].float().log_softmax(-1)[every, targets]
         (to_hidden,) = torch.autograd.grad(log_probs.sum(), copies)  # (n, 1500, d): the copies do not interact
         for start in range(0, n, chunk):
             cotangents = to_hidden[start:start + chunk].unsqueeze(1)  # (c, 1, 1500, d)
             (to_input,) = torch.autograd.grad(hidden, x, grad_outputs=cotangents, retain_graph=True,
                                               is_grads_batched=True)  # (c, 1, 80, 3000)
-            per_mel.append((to_input[:, 0] * features.detach()).abs().sum(1).double().numpy())
+            per_mel.append((to_input[:, 0] * features.detach()).abs().sum(1).double().cpu().numpy())
     per_mel = np.concatenate(per_mel)  # (n, 3000)
     usable = speech_frames * MEL_PER_FRAME
     return per_mel[:, :usable].reshape(n, speech_frames, MEL_PER_FRAME).sum(-1)

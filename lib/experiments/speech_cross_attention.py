@@ -82,7 +82,7 @@ def explain(speech: list[dict], bundle, params: Params, progress: bool = True) -
     model, processor = bundle.model, bundle.processor
     rows, maps = [], []
     for unit, utt in enumerate(tqdm(speech, desc="utterances", disable=not progress)):
-        features = wp.log_mel(processor.feature_extractor, utt["audio"])
+        features = wp.log_mel(processor.feature_extractor, utt["audio"]).to(next(model.parameters()).device)
         with torch.no_grad():
             hidden = model.model.encoder(features).last_hidden_state
         tokens = wp.greedy_decode(model, hidden, params.max_new_tokens).tokens[0]

@@ -78,9 +78,9 @@ def encode(model, features: torch.Tensor, layers: list[int]) -> tuple[torch.Tens
     """Run the encoder once (eager attention): ``(hidden (1, 1500, d), self-attention received (1500,))``.
 
     The score of frame j is the attention it receives, averaged over all 1500 queries, the heads and ``layers``."""
-    out = model.model.encoder(features, output_attentions=True)
+    out = model.model.encoder(features.to(model.device), output_attentions=True)
     received = torch.stack([out.attentions[i][0].mean(dim=(0, 1)) for i in layers]).mean(0)
-    return out.last_hidden_state, received.double().numpy()
+    return out.last_hidden_state, received.double().cpu().numpy()
 
 
 def frame_energy(audio: np.ndarray) -> np.ndarray:
@@ -162,12 +162,13 @@ def greedy_decode(model, encoder_hidden: torch.Tensor, max_new_tokens: int, guid
     eos = int(config.eos_token_id)
     batch, frames = encoder_hidden.shape[:2]
     encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden)
-    ids = torch.tensor([PROMPT] * batch)
-    suppress = torch.tensor(list(config.suppress_tokens or []), dtype=torch.long)
-    begin = torch.tensor(list(config.begin_suppress_tokens or []), dtype=torch.long)
+    device = encoder_hidden.device
+    ids = torch.tensor([PROMPT] * batch, device=device)
+    suppress = torch.tensor(list(config.suppress_tokens or []), dtype=torch.long, device=device)
+    begin = torch.tensor(list(config.begin_suppress_tokens or []), dtype=torch.long, device=device)
     layers = list(range(model.config.decoder_layers)) if guide_layers is None else guide_layers
-    tokens = torch.empty(batch, 0, dtype=torch.long)
-    finished = torch.zeros(batch, dtype=torch.bool)
+    tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     cache, guide_rows, cross_keys, step = None, [], frames, 0
     for step in range(max_new_tokens):
         want_attn = (check_keys and step == 0) or step < guide_steps
@@ -193,7 +194,7 @@ def greedy_decode(model, encoder_hidden: torch.Tensor, max_new_tokens: int, guid
             break
     rows = [[t for t in row.tolist()] for row in tokens]
     rows = [row[:row.index(eos)] if eos in row else row for row in rows]
-    guide = torch.stack(guide_rows).mean(0).double().numpy() if guide_rows else None
+    guide = torch.stack(guide_rows).mean(0).double().cpu().numpy() if guide_rows else None
     return Decoded(tokens=rows, cross_keys=cross_keys, guide=guide, steps=step + 1)
 
 

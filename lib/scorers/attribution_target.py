@@ -150,8 +150,9 @@ class AttributionTarget:
         row = self.example(example)
 
         def predict(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            device = row.input_ids.device  # faithfulness builds its variants on the CPU
             with torch.no_grad():
-                return row.forward(row.embed(input_ids), attention_mask).float()
+                return row.forward(row.embed(input_ids.to(device)), attention_mask.to(device)).float()
         return predict
 
     def require_gradients(self, who: str) -> None:
