@@ -179,6 +179,8 @@ def record_lost_run(spec: RunSpec, error: dict[str, Any], wall: float, worker: d
 
 def execute(spec: RunSpec, *, show_progress: bool = True) -> RunOutcome:
     """Run one notebook in a child process and move its results into place."""
+    if _INTERRUPTED.is_set():  # the batch was interrupted before this run started: start nothing
+        raise KeyboardInterrupt
     base = run_base(spec)
     base.mkdir(parents=True, exist_ok=True)
     _clean_stale(base, spec)
@@ -193,8 +195,13 @@ def execute(spec: RunSpec, *, show_progress: bool = True) -> RunOutcome:
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=out, start_new_session=True, env=child_env(spec))
     with _RUNNING_LOCK:
         _RUNNING.add(proc)
+        # the interrupt handler sets the flag before it lists the running children: a child started after that
+        # list was taken sees the flag here and is stopped by its own thread
+        interrupted = _INTERRUPTED.is_set()
     error: dict[str, Any] | None = None
     try:
+        if interrupted:
+            _stop(proc, grace_s=5.0)
         proc.wait(timeout=spec.timeout_s)
     except subprocess.TimeoutExpired:
         _stop(proc)
@@ -280,6 +287,7 @@ def run_many(specs: list[RunSpec], jobs: int = 1, scheduler: str | None = None) 
             print(f"    -> {outcome_line(outcomes[-1])}", file=sys.stderr, flush=True)
         return outcomes
     pool = ThreadPoolExecutor(max_workers=jobs)
+    futures: list = []  # an interrupt may come before every run is submitted
     try:
         with tqdm(total=len(specs), desc="notebooks", unit="nb") as bar:
             futures = [pool.submit(execute, spec, show_progress=False) for spec in specs]

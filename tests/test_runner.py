@@ -126,6 +126,18 @@ def test_plan_rejects_unknown_notebooks():
         runner.plan(["no-such-notebook"])
 
 
+def test_a_run_asked_after_an_interrupt_starts_nothing(tmp_path, outputs):
+    """An interrupt that lands while runs are still being handed to the pool: the later ones start no child."""
+    good = make_notebook(tmp_path / "good.ipynb")
+    runner._INTERRUPTED.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            execute(spec(good, x=7), show_progress=False)
+    finally:
+        runner._INTERRUPTED.clear()
+    assert not list(outputs.glob("**/.default.tmp-*"))
+
+
 def test_interrupting_a_parallel_batch_stops_children_and_keeps_results(tmp_path, outputs):
     """Ctrl-C during `-j 2`: both children stop, temp folders go, earlier results stay."""
     import os
