@@ -126,15 +126,40 @@ def test_plan_rejects_unknown_notebooks():
         runner.plan(["no-such-notebook"])
 
 
-def test_a_run_asked_after_an_interrupt_starts_nothing(tmp_path, outputs):
+def test_a_run_asked_after_an_interrupt_starts_nothing(tmp_path, outputs, monkeypatch):
     """An interrupt that lands while runs are still being handed to the pool: the later ones start no child."""
     good = make_notebook(tmp_path / "good.ipynb")
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("a child was started after the interrupt")
+
+    monkeypatch.setattr(runner.subprocess, "Popen", no_child)
     runner._INTERRUPTED.set()
     try:
         with pytest.raises(KeyboardInterrupt):
             execute(spec(good, x=7), show_progress=False)
     finally:
         runner._INTERRUPTED.clear()
+    assert not list(outputs.glob("**/.default.tmp-*"))
+
+
+def test_a_child_started_as_the_interrupt_lands_is_stopped_by_its_own_thread(tmp_path, outputs, monkeypatch):
+    """The interrupt comes after the run's first check but before the handler lists the running children: the run
+    sees the flag once its child is registered and stops it, instead of waiting out the notebook."""
+    slow = make_notebook(tmp_path / "slow.ipynb", middle="import time\ntime.sleep(300)")
+
+    class LandsAfterTheFirstCheck:
+        calls = 0
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls > 1
+
+    monkeypatch.setattr(runner, "_INTERRUPTED", LandsAfterTheFirstCheck())
+    started = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        execute(RunSpec("tiny", "default", {"x": 1}, str(slow), "Tiny", "", 120.0), show_progress=False)
+    assert time.time() - started < 60  # stopped at once, not after the 120 s timeout
     assert not list(outputs.glob("**/.default.tmp-*"))
 
 

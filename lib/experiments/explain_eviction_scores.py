@@ -22,12 +22,13 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from .. import evidence, faithfulness, kv_tasks
-from ..eviction_attribution import (AGGREGATES, continuation_target, faithfulness_rows, protected_positions,
+from ..eviction_attribution import (continuation_target, faithfulness_rows, protected_positions,
                                     rank_correlation_per_unit, token_attribution)
 from ..kv_tasks import BASELINE, ORACLE
 from ..scorers import get_scorer
 from ..scorers.attribution_target import explanation_view
 from ..scorers.spec import ScorerList, build_scorers
+from .explain_common import mean_interval
 from .kv_params import BudgetRatios, KVParams, check_protection_fits, check_windows_protected
 from .param_checks import check_labels
 
@@ -176,15 +177,6 @@ def wide(table: pd.DataFrame, column: str, replacement: str) -> pd.DataFrame:
     return rows.pivot(index="doc", columns="method", values=column)
 
 
-def _interval(values, seed: int) -> str:
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    if values.size < 2:
-        return f"{values.mean():.3f}" if values.size else ""
-    lo, hi, _ = evidence.paired_interval(values, seed=seed)
-    return evidence.fmt_interval(float(values.mean()), lo, hi, sign=False)
-
-
 def method_table(table: pd.DataFrame, areas: pd.DataFrame, params: Params) -> pd.DataFrame:
     """Per method (scorers in the given order, the attention family's mean, the oracle, gradient × input) under
     the judged replacement: comprehensiveness, sufficiency and their paired differences from random, and the
@@ -195,17 +187,19 @@ def method_table(table: pd.DataFrame, areas: pd.DataFrame, params: Params) -> pd
     comp[ATTENTION_FAMILY], suff[ATTENTION_FAMILY] = comp[family].mean(axis=1), suff[family].mean(axis=1)
     areas = areas.assign(**{ATTENTION_FAMILY: areas[family].mean(axis=1)})
     labels = [s.key for s in params.scorers]
-    rows = [dict(method=BASELINE, role="uncompressed", **{"KL area": _interval(areas[BASELINE], params.seed)})]
+    rows = [dict(method=BASELINE, role="uncompressed", **{"KL area": mean_interval(areas[BASELINE].to_numpy(),
+                                                                                   params.seed)})]
     for method in [*labels, ATTENTION_FAMILY, ORACLE, GRADIENT]:
         role = ("control" if method in params.controls else "attention-based" if method in family
                 else "family mean" if method == ATTENTION_FAMILY else "oracle (reads the continuation)"
                 if method == ORACLE else "gradient reference" if method == GRADIENT else "attention-free")
         row = dict(method=method, role=role)
         for name, values in (("comprehensiveness", comp), ("sufficiency", suff)):
-            row[name] = _interval(values[method], params.seed)
+            row[name] = mean_interval(values[method].to_numpy(), params.seed)
             if method != params.random_label:
-                row[f"{name} − random"] = _interval(values[method] - values[params.random_label], params.seed)
-        row["KL area"] = _interval(areas[method], params.seed) if method in areas else ""
+                row[f"{name} − random"] = mean_interval((values[method] - values[params.random_label]).to_numpy(),
+                                                        params.seed)
+        row["KL area"] = mean_interval(areas[method].to_numpy(), params.seed) if method in areas else ""
         rows.append(row)
     return pd.DataFrame(rows)
 

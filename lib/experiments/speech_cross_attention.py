@@ -20,7 +20,7 @@ from ..harness import whisper_pruning as wp
 from ..params import ModelName, NotebookParams
 from ..seeding import unit_seed
 from ..speech_relevance import TokenMaps, cross_attention_maps, map_correlations, saliency_maps
-from .guided_whisper_pruning import load_speech
+from .guided_whisper_pruning import load_speech  # noqa: F401 (the notebook calls exp.load_speech)
 
 TITLE = "Speech-to-text cross-attention vs input saliency: how much relevance does it show?"
 PAPERS = ["cross_attention_half", "whisper", "gradient_x_input"]
