@@ -4,8 +4,11 @@
     python benchmarks/bench_scored_attention.py --device cpu                       # 512 ... 8192
     python benchmarks/bench_scored_attention.py --device cuda --lengths 1024 8192 32768 131072
 
-Methods (causal self-attention, B=1, GQA heads, key mass summed over all queries):
-  scored  salience.kernels.scored_attention: the blockwise path on CPU, the Triton path on CUDA.
+Methods (causal self-attention, B=1, GQA heads):
+  scored  salience.kernels.scored_attention, key mass summed over all queries (H2O): the blockwise path on CPU, the
+          Triton path on CUDA.
+  scored_window, scored_row  the same with the mass of the last 64 queries (SnapKV) or of the last one (TOVA): on
+          CPU the sdpa_rows path (torch's fused attention plus those rows). CPU default only.
   eager   what transformers' eager attention does: repeat K/V, full score matrix plus additive causal mask, float32
           softmax, P @ V; then the key mass as P's column sums.
   sdpa    torch.nn.functional.scaled_dot_product_attention(is_causal=True): output only, no scores. K/V are
@@ -22,7 +25,8 @@ What is measured:
   load_avg_1m  the machine's 1-minute load average after the configuration ran (timings on a shared machine
             are only as good as this number).
   diff_out / diff_mass  max |out - out_eager| and max |key_mass - column sums of eager P| (empty when eager did not
-            run); diff_mass_rel divides by max |column sums|.
+            run, and for the window / row modes, whose mass is not the column sums); diff_mass_rel divides by max
+            |column sums|.
 
 Results go to a printed table and a CSV (default benchmarks/results/scored_attention_<device>.csv). The shared
 measurement helpers here are also used by bench_lightning_attention.py.
@@ -168,20 +172,32 @@ def eager_attention_with_column_sum(q, k, v):
     return weights @ v, weights.sum(dim=-2, dtype=torch.float32)
 
 
+# The scored-attention variants: which queries' probabilities make the key mass (H2O: all; SnapKV: the last 64, its
+# observation window in kvpress; TOVA: the last one). On CPU "auto" runs the first on the blockwise path and the other
+# two on sdpa_rows (torch's fused attention plus the chosen rows); on CUDA all three run the Triton kernels.
+SCORED_MASS = {
+    "scored": dict(mass="all"),
+    "scored_window": dict(mass="window", window=64),
+    "scored_row": dict(mass="row"),
+}
+METHODS = (*SCORED_MASS, "eager", "sdpa")
+
+
 def make_method(name: str, q, k, v):
     import torch.nn.functional as F
 
     from salience.kernels import scored_attention
 
-    if name == "scored":
-        return lambda: scored_attention(q, k, v, causal=True, mass="all")[::2]  # (out, key_mass)
+    if name in SCORED_MASS:
+        options = SCORED_MASS[name]
+        return lambda: scored_attention(q, k, v, causal=True, **options)[::2]  # (out, key_mass)
     if name == "eager":
         return lambda: eager_attention_with_column_sum(q, k, v)
     if name == "sdpa":
         group = q.shape[1] // k.shape[1]
         k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return lambda: (F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True), None)
-    raise ValueError(f"unknown method {name!r}; choose from scored, eager, sdpa")
+    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
 
 
 def measure(spec: dict) -> dict:
@@ -247,16 +263,63 @@ def compare(saved: dict[str, str]) -> dict:
             continue
         res = torch.load(path)
         d = {"diff_out": (res["out"].float() - ref["out"].float()).abs().max().item()}
-        if res["mass"] is not None:
+        # eager saves the column sums over every query: only the mass="all" method is comparable with them (the
+        # window and row modes are checked against the float64 reference in tests/kernels)
+        if res["mass"] is not None and SCORED_MASS.get(method, {}).get("mass") == "all":
             d["diff_mass"] = (res["mass"] - ref["mass"]).abs().max().item()
             d["diff_mass_rel"] = d["diff_mass"] / ref["mass"].abs().max().item()
         diffs[method] = d
     return diffs
 
 
+def paired_ratios(args) -> list[dict]:
+    """``--paired``: every method's time over SDPA's, measured side by side in this one process. For each N the
+    methods run in turn, ``--repeats`` rounds in an order rotated from round to round; a round's ratio is a method's
+    CPU time over SDPA's in that round, so load drift hits numerator and denominator alike. Eager is left out (its
+    N x N matrix is what the other table measures)."""
+    import torch
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods if m != "eager"]
+    if "sdpa" not in methods:
+        raise SystemExit("--paired needs sdpa among --methods: it is the denominator")
+    rows = []
+    for dtype in args.dtype:
+        for d in args.head_dim:
+            for n in args.lengths:
+                q, k, v = (torch.randn(args.batch, h, n, d, device=args.device, dtype=getattr(torch, dtype))
+                           for h in (args.heads, args.kv_heads, args.kv_heads))  # fmt: skip
+                fns = {m: make_method(m, q, k, v) for m in methods}
+                for fn in fns.values():
+                    for _ in range(args.warmup):
+                        fn()
+                times = {m: [] for m in methods}
+                for r in range(args.repeats):
+                    order = methods[r % len(methods):] + methods[:r % len(methods)]
+                    for m in order:
+                        times[m].append(median_times_ms(fns[m], device=args.device, warmup=0, repeats=1))
+                key = "cpu_ms" if args.device == "cpu" else "time_ms"
+                for m in methods:
+                    ratios = [a[key] / b[key] for a, b in zip(times[m], times["sdpa"])]
+                    rows.append(dict(device=args.device, threads=args.threads, dtype=dtype, head_dim=d,
+                                     heads=args.heads, kv_heads=args.kv_heads, n=n, method=m, repeats=args.repeats,
+                                     ms=statistics.median(t[key] for t in times[m]),
+                                     ratio_vs_sdpa=statistics.median(ratios), ratio_low=min(ratios),
+                                     ratio_high=max(ratios), load_avg_1m=round(os.getloadavg()[0], 2)))  # fmt: skip
+                print(f"  {dtype} D={d} N={n}: " + ", ".join(f"{r['method']} {r['ratio_vs_sdpa']:.2f}x"
+                                                               for r in rows[-len(methods):]), flush=True)
+                write_csv(rows, PAIRED_COLUMNS, args.out)
+    return rows
+
+
+PAIRED_COLUMNS = ["device", "threads", "dtype", "head_dim", "heads", "kv_heads", "n", "method", "repeats", "ms",
+                  "ratio_vs_sdpa", "ratio_low", "ratio_high", "load_avg_1m"]
+
 COLUMNS = [
     "device", "threads", "dtype", "head_dim", "heads", "kv_heads", "n", "method", "status", "time_ms", "cpu_ms",
-    "peak_mib", "time_vs_sdpa", "peak_vs_eager", "diff_out", "diff_mass", "diff_mass_rel", "load_avg_1m",
+    "peak_mib", "time_vs_sdpa", "cpu_vs_sdpa", "peak_vs_eager", "diff_out", "diff_mass", "diff_mass_rel", "load_avg_1m",
 ]  # fmt: skip
 
 
@@ -271,13 +334,17 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, help="query heads (default 4 on CPU, 32 on CUDA)")
     p.add_argument("--kv-heads", type=int, help="key/value heads (default heads / 2 on CPU, 8 on CUDA)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--methods", nargs="+", default=["scored", "eager", "sdpa"])
+    p.add_argument("--methods", nargs="+", choices=METHODS,
+                   help="default: every method on CPU; scored, eager, sdpa on CUDA")  # fmt: skip
     p.add_argument("--threads", type=int, help="CPU: torch threads per configuration (default: torch's default)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-eager-gib", type=float, default=8.0, help="CPU: skip eager above this estimated size")
     p.add_argument("--timeout", type=float, default=600.0, help="CPU: seconds per configuration")
     p.add_argument("--out", type=Path, help="CSV path (default benchmarks/results/scored_attention_<device>.csv)")
+    p.add_argument("--paired", action="store_true",
+                   help="ratios to SDPA measured side by side in one process (rotated rounds), no memory column; "
+                        "default CSV benchmarks/results/scored_attention_<device>_paired.csv")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
@@ -286,7 +353,8 @@ def parse_args(argv=None):
     args.head_dim = args.head_dim or ([64] if cpu else [64, 128])
     args.heads = args.heads or (4 if cpu else 32)
     args.kv_heads = args.kv_heads or (max(1, args.heads // 2) if cpu else 8)
-    args.out = args.out or RESULTS / f"scored_attention_{args.device}.csv"
+    args.methods = args.methods or (list(METHODS) if cpu else ["scored", "eager", "sdpa"])
+    args.out = args.out or RESULTS / f"scored_attention_{args.device}{'_paired' if args.paired else ''}.csv"
     if args.device == "cpu" and not args.threads:
         args.threads = torch.get_num_threads()
     return args
@@ -300,6 +368,12 @@ def main(argv=None) -> list[dict]:
     if args.device == "cuda" and not __import__("torch").cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     print(f"# scored attention benchmark, {json.dumps(environment(args.threads))}", flush=True)
+    if args.paired:
+        rows = paired_ratios(args)
+        print()
+        print_table(rows, PAIRED_COLUMNS[6:])
+        print(f"\nwrote {args.out}")
+        return rows
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtype:
@@ -326,6 +400,8 @@ def main(argv=None) -> list[dict]:
                         sdpa, eager = by_method.get("sdpa", {}), by_method.get("eager", {})
                         if r.get("time_ms") and sdpa.get("time_ms"):
                             r["time_vs_sdpa"] = r["time_ms"] / sdpa["time_ms"]
+                        if r.get("cpu_ms") and sdpa.get("cpu_ms"):
+                            r["cpu_vs_sdpa"] = r["cpu_ms"] / sdpa["cpu_ms"]
                         if r.get("peak_mib") is not None and eager.get("peak_mib"):
                             r["peak_vs_eager"] = r["peak_mib"] / eager["peak_mib"]
                     rows.extend(group)

@@ -5,22 +5,25 @@ accumulated attention [@h2o], SnapKV's observation window [@snapkv], TOVA's last
 normalised attention [@zipcache]) and of [CLS]-based token pruning [@fastervlm] their input without materialising
 the ``N_q x N_k`` attention matrix.
 
-Three paths behind one function: ``naive`` (:mod:`.naive`, float64-capable reference), ``blockwise``
-(:mod:`.blockwise`, the CPU path) and ``triton`` (:mod:`.triton`, imported only when used so that
-``TRITON_INTERPRET`` can still be set beforehand).
+Four paths behind one function: ``naive`` (:mod:`.naive`, float64-capable reference), ``blockwise``
+(:mod:`.blockwise`, the CPU path for any input), ``sdpa_rows`` (:mod:`.sdpa_rows`, the CPU path when the mass comes
+from a few rows: torch's fused attention plus those rows) and ``triton`` (:mod:`.triton`, imported only when used so
+that ``TRITON_INTERPRET`` can still be set beforehand).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import blockwise, naive
+from . import blockwise, naive, sdpa_rows
 from .common import BACKENDS, MASS_MODES, ScoredAttentionOutput, check_inputs, query_range
 
-__all__ = ["ScoredAttentionOutput", "scored_attention", "BACKENDS", "MASS_MODES"]
+__all__ = ["ScoredAttentionOutput", "scored_attention", "pick_backend", "BACKENDS", "MASS_MODES"]
 
 
-def _pick_backend(backend: str, q: torch.Tensor, attn_mask) -> str:
+def pick_backend(backend: str, q: torch.Tensor, k: torch.Tensor, *, causal: bool, mass: str, window=None, row=None,
+                 attn_mask=None) -> str:  # fmt: skip
+    """The path ``backend="auto"`` takes (any other name is returned as it is, once checked)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend != "auto":
@@ -28,7 +31,8 @@ def _pick_backend(backend: str, q: torch.Tensor, attn_mask) -> str:
     # The Triton kernels take no explicit mask and no float64; the blockwise path runs on any device.
     if q.is_cuda and attn_mask is None and q.dtype != torch.float64:
         return "triton"
-    return "blockwise"
+    eligible = sdpa_rows.supports(q, k, causal=causal, mass=mass, window=window, row=row, attn_mask=attn_mask) is None
+    return "sdpa_rows" if eligible else "blockwise"
 
 
 def scored_attention(
@@ -64,8 +68,9 @@ def scored_attention(
             attention, which removes the causal mask's bias towards early keys). Keys no chosen query sees get 0.
         reduce_gqa: return ``[B, H_kv, N_k]``: the SUM over the ``H_q // H_kv`` query heads sharing a kv head
             (normalisation, if any, is applied per query head first). Divide by the group size for the mean.
-        backend: ``"auto"`` (triton for CUDA tensors without ``attn_mask``, else blockwise), ``"naive"``,
-            ``"blockwise"`` or ``"triton"``.
+        backend: ``"auto"`` (triton for CUDA tensors without ``attn_mask``; on CPU ``sdpa_rows`` when the mass
+            comes from at most a quarter of the rows and :func:`.sdpa_rows.supports` the call, else blockwise),
+            ``"naive"``, ``"blockwise"``, ``"sdpa_rows"`` or ``"triton"``.
         attn_mask: optional boolean mask broadcastable to ``[B, H_q, N_q, N_k]``, True = may attend (padding,
             sliding windows); combined with ``causal``. Not supported by the triton path.
 
@@ -81,7 +86,7 @@ def scored_attention(
     # Validate everything up front so that a bad argument fails the same way on every path, before heavy work.
     check_inputs(q, k, v, causal=causal, attn_mask=attn_mask)
     query_range(mass, q.shape[2], window=window, row=row)
-    chosen = _pick_backend(backend, q, attn_mask)
+    chosen = pick_backend(backend, q, k, causal=causal, mass=mass, window=window, row=row, attn_mask=attn_mask)
     kwargs = dict(
         causal=causal,
         scale=scale,
@@ -96,6 +101,8 @@ def scored_attention(
         return naive.scored_attention(q, k, v, **kwargs)
     if chosen == "blockwise":
         return blockwise.scored_attention(q, k, v, **kwargs)
+    if chosen == "sdpa_rows":
+        return sdpa_rows.scored_attention(q, k, v, **kwargs)
     from . import triton as triton_path  # lazy: importing triton must wait for TRITON_INTERPRET to be set
 
     return triton_path.scored_attention(q, k, v, **kwargs)

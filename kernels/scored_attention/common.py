@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 MASS_MODES = ("all", "window", "row")
-BACKENDS = ("auto", "naive", "blockwise", "triton")
+BACKENDS = ("auto", "naive", "blockwise", "sdpa_rows", "triton")
 
 
 class ScoredAttentionOutput(NamedTuple):

@@ -7,8 +7,9 @@ N×N matrix. Two parts, both exhaustive checks (:func:`salience.evidence.check`,
 
 1. ``exact``: over a grid (lengths off the block grid, GQA 9/3 and 4/4, causal and not, key-mass modes
    all/window/row, ZipCache normalisation on and off, float32/bfloat16/float16), every path under test (blockwise;
-   Triton, through its CPU interpreter when there is no GPU) matches the float64 naive reference on ``out``, ``lse``
-   and ``key_mass`` under FlashAttention's 2x rule [@flashattention] (:mod:`.kernel_common`).
+   sdpa_rows on the cases it supports; Triton, through its CPU interpreter when there is no GPU) matches the float64
+   naive reference on ``out``, ``lse`` and ``key_mass`` under FlashAttention's 2x rule [@flashattention]
+   (:mod:`.kernel_common`).
 2. ``small_memory``: in the benchmark CSV of ``benchmarks/bench_scored_attention.py``, at the largest N where eager
    attention ran, scored attention's peak memory is at most ``memory_target`` of eager's, in every configuration.
 """
@@ -52,7 +53,9 @@ OUTPUTS = ("out", "lse", "key_mass")
 DType = Literal["float32", "bfloat16", "float16"]
 Length = Annotated[int, Field(ge=1, le=65536)]
 BenchLength = Annotated[int, Field(ge=64, le=1_048_576)]
-METHOD_LABELS = {"scored": "scored attention", "eager": "eager + column sum", "sdpa": "SDPA (no scores)"}
+METHOD_LABELS = {"scored": "scored attention", "scored_window": "scored, last-64 window",
+                 "scored_row": "scored, last row", "eager": "eager + column sum", "sdpa": "SDPA (no scores)"}
+SCORED_METHODS = ("scored", "scored_window", "scored_row")  # the benchmark's key-mass modes: all, window 64, row
 EXACT = evidence.PartSpec(
     id="exact",
     statement="every path returns out, lse and key_mass within the 2x rule in every case of the grid",
@@ -69,7 +72,8 @@ class Params(NotebookParams):
 
     notebook = "kernel-scored-attention"
 
-    lengths: list[Length] = Field(min_length=1, description="N (as many queries as keys) of the blockwise cases")
+    lengths: list[Length] = Field(min_length=1,
+                                  description="N (as many queries as keys) of the CPU-path cases (blockwise, sdpa_rows)")
     head_groups: list[list[int]] = Field(min_length=1, description="[H_q, H_kv] pairs (GQA)")
     head_dim: int = Field(ge=1, le=256, description="D of q, k and v")
     batch: int = Field(ge=1, le=64, description="batch size of every case")
@@ -80,7 +84,9 @@ class Params(NotebookParams):
     row: int = Field(ge=-65536, le=65535, description="query row of the row mass mode (-1: the last, TOVA; 0: [CLS])")
     normalize: list[bool] = Field(min_length=1, description="ZipCache normalisation off (false) / on (true)")
     dtypes: list[DType] = Field(min_length=1, description="precisions under test")
-    backends: list[Literal["blockwise", "triton"]] = Field(min_length=1, description="paths under test")
+    backends: list[Literal["blockwise", "sdpa_rows", "triton"]] = Field(
+        min_length=1, description="paths under test (sdpa_rows runs only the cases it supports: CPU float32, window "
+                                  "or row mass over at most a quarter of the rows)")
     block: int = Field(ge=1, le=4096, description="query rows per step of the blockwise path")
     triton_lengths: list[Length] = Field(min_length=1, description="N of the Triton cases (CPU interpreter: tiny)")
     memory_target: float = Field(gt=0.0, le=1.0, description="largest share of eager's peak memory that passes")
@@ -118,9 +124,21 @@ def cases(params: Params) -> list[dict]:
     for n, (hq, hkv), causal, mass, norm, dt in itertools.product(
         lengths, params.head_groups, params.causal, params.mass_modes, params.normalize, params.dtypes
     ):
-        backends = [b for b in params.backends if n in (params.triton_lengths if b == "triton" else params.lengths)]
-        out.append(dict(n=n, h_q=hq, h_kv=hkv, causal=causal, mass=mass, normalize=norm, dtype=dt, backends=backends))
+        case = dict(n=n, h_q=hq, h_kv=hkv, causal=causal, mass=mass, normalize=norm, dtype=dt)
+        backends = [b for b in params.backends if n in (params.triton_lengths if b == "triton" else params.lengths)
+                    and (b != "sdpa_rows" or _sdpa_rows_supports(case, params))]  # fmt: skip
+        out.append(dict(case, backends=backends))
     return out
+
+
+def _sdpa_rows_supports(case: dict, params: Params) -> bool:
+    """Whether the sdpa_rows path takes ``case`` (it refuses the others with a ValueError, see its module)."""
+    from ..kernels.scored_attention import sdpa_rows
+
+    q, k = (torch.empty(params.batch, h, case["n"], params.head_dim, dtype=getattr(torch, case["dtype"]),
+                        device=params.device) for h in (case["h_q"], case["h_kv"]))  # fmt: skip
+    options = {key: value for key, value in _mass_kwargs(case, params).items() if key != "normalize"}
+    return sdpa_rows.supports(q, k, **options) is None
 
 
 def _mass_kwargs(case: dict, params: Params) -> dict:
@@ -157,7 +175,7 @@ def _check_case(i: int, case: dict, params: Params) -> list[dict]:
         if backend == "blockwise":
             result = blockwise.scored_attention(qd, kd, vd, block=params.block, **kw)
         else:
-            result = scored_attention(qd, kd, vd, backend="triton", **kw)
+            result = scored_attention(qd, kd, vd, backend=backend, **kw)
         for name, r, c, x in zip(OUTPUTS, ref, control, result):
             rows.append(dict(described, backend=backend, output=name, **rule_row(r, c, x)))
     return rows
@@ -198,14 +216,15 @@ def benchmark_table(bench: pd.DataFrame) -> pd.DataFrame:
         m = g.set_index("method")
         row = dict(config=config, n=int(n))
         ok = {x for x in m.index if m.loc[x, "status"] == "ok"}
-        for method in ("scored", "eager", "sdpa"):
+        for method in [x for x in METHOD_LABELS if x in m.index or x in ("scored", "eager", "sdpa")]:
             status = m.loc[method, "status"] if method in m.index else "not measured"
             row[f"{method}_ms"] = sig(m.loc[method, "time_ms"], 3) if method in ok else status
             row[f"{method}_mib"] = sig(m.loc[method, "peak_mib"], 3) if method in ok else ""
         row["scored/eager memory"] = sig(m.loc["scored", "peak_mib"] / m.loc["eager", "peak_mib"], 2) \
             if {"scored", "eager"} <= ok else ""  # fmt: skip
-        row["scored/sdpa time"] = sig(m.loc["scored", "time_ms"] / m.loc["sdpa", "time_ms"], 2) \
-            if {"scored", "sdpa"} <= ok else ""  # fmt: skip
+        for method in [x for x in SCORED_METHODS if x in m.index]:
+            row[f"{method}/sdpa time"] = sig(m.loc[method, "time_ms"] / m.loc["sdpa", "time_ms"], 2) \
+                if {method, "sdpa"} <= ok else ""  # fmt: skip
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -244,7 +263,7 @@ def plot_benchmark(bench: pd.DataFrame, memory_target: float):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, (col, ylabel) in zip(axes, (("time_ms", "time (ms)"), ("peak_mib", "peak memory (MiB)"))):
         sns.lineplot(data=df, x="n", y=col, hue="method", style=style, marker="o", ax=ax,
-                     hue_order=[labels[m] for m in ("scored", "eager", "sdpa")])  # fmt: skip
+                     hue_order=[labels[m] for m in METHOD_LABELS if labels[m] in set(df.method)])  # fmt: skip
         if col == "peak_mib":
             eager = df[df.method == labels["eager"]].groupby("n").peak_mib.mean() * memory_target
             ax.plot(eager.index, eager.values, color="0.5", ls="--", lw=1, label=f"{memory_target:.0%} of eager")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from salience.kernels import scored_attention
-from salience.kernels.scored_attention import blockwise, naive
+from salience.kernels.scored_attention import blockwise, naive, pick_backend, sdpa_rows
 from salience.kernels.scored_attention.common import causal_visible_counts
 from salience.kernels.testing import assert_close_to_reference
 
@@ -156,12 +156,76 @@ def test_attention_mask_matches_reference_and_empty_rows():
     assert (result.key_mass[0, :, :3] == 0).all()
 
 
-def test_auto_backend_on_cpu_is_blockwise():
+def test_auto_backend_on_cpu_is_blockwise_for_the_mass_of_every_row():
     q, k, v = make_inputs((1, 2, 1, 7, 7, 16), torch.float32)
     a = scored_attention(q, k, v, causal=True)
     b = blockwise.scored_attention(q, k, v, causal=True)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y)
+
+
+def test_blockwise_spans_several_blocks_and_empty_rows_in_float64():
+    # Rows that see nothing (attn_mask) inside a block of rows that do: their out is 0, lse -inf, no NaN anywhere.
+    q, k, v = make_inputs((1, 4, 2, 23, 31, 8), torch.float64, seed=5)
+    mask = torch.rand(1, 1, 23, 31, generator=torch.Generator().manual_seed(0)) > 0.5
+    mask[..., 3, :] = False
+    mask[..., 10, :] = False
+    for kwargs in (dict(causal=False, normalize=True), dict(causal=True, mass="window", window=9)):
+        ref = naive.scored_attention(q, k, v, attn_mask=mask, **kwargs)
+        got = blockwise.scored_attention(q, k, v, attn_mask=mask, block=5, **kwargs)
+        for x, y in zip(ref, got):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+        assert not got.out.isnan().any() and torch.isneginf(got.lse[..., [3, 10]]).all()
+
+
+# sdpa_rows: the shapes it takes (N_q == N_k, N_q == 1, or not causal), GQA 9/3 and 4/2, lengths off any grid.
+SDPA_ROWS_CASES = [
+    pytest.param((1, 9, 3, 37, 37, 16), True, dict(mass="row"), id="causal-row-last"),
+    pytest.param((2, 4, 2, 130, 130, 64), True, dict(mass="window", window=8, normalize=True),
+                 id="causal-window8-norm"),
+    pytest.param((1, 4, 2, 130, 130, 64), True, dict(mass="row", row=0, reduce_gqa=True), id="causal-row0-gqasum"),
+    pytest.param((2, 6, 2, 17, 300, 16), False, dict(mass="row", row=0, normalize=True), id="full-cls-row"),
+    pytest.param((1, 2, 1, 1, 77, 32), True, dict(mass="row"), id="decode-one-query"),
+    pytest.param((1, 4, 4, 40, 40, 32), False, dict(mass="window", window=10), id="full-window-quarter"),
+]  # fmt: skip
+
+
+def auto_choice(q, k, causal, options):
+    choice = {name: value for name, value in options.items() if name in ("mass", "window", "row", "attn_mask")}
+    return pick_backend("auto", q, k, causal=causal, **choice)
+
+
+@pytest.mark.parametrize("shape, causal, options", SDPA_ROWS_CASES)
+def test_sdpa_rows_matches_reference(shape, causal, options):
+    q, k, v = make_inputs(shape, torch.float32)
+    assert auto_choice(q, k, causal, options) == "sdpa_rows"
+    result = scored_attention(q, k, v, causal=causal, **options)
+    check_against_reference(result, q, k, v, causal=causal, **options)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    exact = naive.scored_attention(q64, k64, v64, causal=causal, **options)
+    for x, y in zip(exact, sdpa_rows.scored_attention(q64, k64, v64, causal=causal, **options)):
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, options, reason",
+    [
+        ((1, 2, 1, 40, 40, 16), torch.float32, dict(causal=True, mass="all"), "mass='all'"),
+        ((1, 2, 1, 40, 40, 16), torch.float32, dict(causal=True, mass="window", window=11), "more than 25%"),
+        ((1, 2, 1, 5, 12, 16), torch.float32, dict(causal=True, mass="row"), "end-aligns"),
+        ((1, 2, 1, 40, 40, 16), torch.bfloat16, dict(causal=True, mass="row"), "float32/float64"),
+        ((1, 2, 1, 40, 40, 16), torch.float32,
+         dict(causal=True, mass="row", attn_mask=torch.ones(40, 40, dtype=torch.bool)), "attn_mask"),
+    ],
+)  # fmt: skip
+def test_sdpa_rows_refuses_what_it_cannot_do_and_auto_falls_back(shape, dtype, options, reason):
+    q, k, v = make_inputs(shape, dtype)
+    with pytest.raises(ValueError, match=reason):
+        scored_attention(q, k, v, backend="sdpa_rows", **options)
+    assert auto_choice(q, k, options.pop("causal"), options) == "blockwise"
+    options["causal"] = True
+    check_against_reference(scored_attention(q, k, v, **options), q, k, v, **options)
 
 
 def test_dtypes_of_outputs():
