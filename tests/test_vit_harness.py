@@ -311,3 +311,28 @@ def test_encoder_views_count_every_query_as_visible():
     keys = torch.zeros(1, 2, 4, 8)
     view = build_view(torch.zeros(1, 4, 16), positions, keys, keys, [], n_prefix=1, has_cls=True, grid=(2, 2))
     assert view.visible().tolist() == [4, 4, 4, 4]
+
+
+@dataclass
+class ClsRowFromTheFullMatrix(get_scorer("cls_attention").__class__):
+    """[CLS] attention read from the captured full matrix (what the harness did before the fused row)."""
+
+    attention_rows = "all"
+
+
+@pytest.mark.parametrize("stages", [(), [(2, 0.5)]], ids=["one-stage", "two-stages"])
+def test_cls_scorer_reads_its_row_from_the_fused_kernel_with_the_same_result(stages):
+    model = tiny_dinov2(layers=3)
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    fused, full = get_scorer("cls_attention"), ClsRowFromTheFullMatrix()
+    assert vp.reads_cls_row_only(fused) and not vp.reads_cls_row_only(full)
+    assert not vp.reads_cls_row_only([fused, get_scorer("random")]) and not vp.reads_cls_row_only({"attention"})
+    row_prefix, full_prefix = vp.vit_prefix(model, pixels, 1, needs=fused), vp.vit_prefix(model, pixels, 1, needs=full)
+    (row,), (matrix,) = row_prefix.attention_layers, full_prefix.attention_layers
+    assert row.shape == (2, 2, 1, 17) and matrix.shape == (2, 2, 17, 17)  # the row alone, no K x K matrix
+    torch.testing.assert_close(row, matrix[:, :, :1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(row_prefix.hidden, full_prefix.hidden, atol=1e-5, rtol=1e-5)
+    a = vp.reduce_and_finish(model, row_prefix, fused, 0.5, "drop", stages=stages)
+    b = vp.reduce_and_finish(model, full_prefix, full, 0.5, "drop", stages=stages)
+    assert torch.equal(a.kept_positions, b.kept_positions) and a.tokens_per_layer == b.tokens_per_layer
+    torch.testing.assert_close(a.tokens, b.tokens, atol=1e-5, rtol=1e-5)

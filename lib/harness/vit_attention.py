@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from ..attention_hook import NAME, active_mode, attending, install
+from ..kernels.scored_attention import scored_attention
 
 #: the registered name a ViT runs under in the harness (the one hook's)
 ATTENTION = NAME
@@ -28,11 +29,15 @@ class AttentionState:
 
     ``log_sizes (B, K)`` is added to the logits of every query's row (proportional attention); ``probs``
     ``(B, H, K, K)``, ``keys`` and ``values`` ``(B, H, K, D)`` are filled when ``record_probs`` / ``record_kv``.
+    ``record_cls_row`` (without ``record_probs``) records only the [CLS] query's row, ``probs (B, H, 1, K)``, read
+    from the fused scored-attention kernel (:func:`salience.kernels.scored_attention`, ``mass="row"``, ``row=0``):
+    no ``K x K`` matrix, about the cost of SDPA.
     """
 
     log_sizes: torch.Tensor | None = None
     record_probs: bool = False
     record_kv: bool = False
+    record_cls_row: bool = False
     probs: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -53,7 +58,12 @@ class AttentionState:
             bias = size_bias if bias is None else bias + size_bias
         if self.record_kv:
             self.keys, self.values = key, value
-        if not self.record_probs:
+        fused_row = self.record_cls_row and not self.record_probs and bias is None and not module.training
+        if fused_row:  # the kernel takes boolean masks only: with a float bias (merged sizes) the row comes from eager
+            res = scored_attention(query, key, value, causal=False, scale=scale, mass="row", row=0)
+            self.probs = res.key_mass[:, :, None, :]
+            return res.out.transpose(1, 2).contiguous(), None
+        if not (self.record_probs or self.record_cls_row):
             out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale,
                                                              dropout_p=dropout if module.training else 0.0)
             return out.transpose(1, 2).contiguous(), None
@@ -61,7 +71,7 @@ class AttentionState:
         if bias is not None:
             logits = logits + bias
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        self.probs = probs
+        self.probs = probs if self.record_probs else probs[:, :, :1]
         out = torch.matmul(probs.to(query.dtype), value)
         return out.transpose(1, 2).contiguous(), probs
 

@@ -88,6 +88,14 @@ class VitPrefix:
         return self.keys.mean(dim=1)
 
 
+def reads_cls_row_only(needs) -> bool:
+    """Whether every scorer in ``needs`` (a scorer or several; names say nothing about rows) reads nothing but the
+    [CLS] row of the scoring layer's attention: the harness then records that row from the fused kernel."""
+    scorers = [needs] if isinstance(needs, Scorer) else list(needs or ())
+    return bool(scorers) and all(isinstance(s, Scorer) and s.attention_rows == "cls" and s.needs <= {"attention"}
+                                 for s in scorers)  # fmt: skip
+
+
 def needs_of(needs) -> frozenset[str]:
     """Capture names from a scorer, several scorers, or names."""
     if needs is None:
@@ -108,11 +116,14 @@ def vit_prefix(model: nn.Module, pixel_values: torch.Tensor, layer: int, needs=N
         pixel_values: ``(B, 3, H, W)`` normalised pixels, H and W multiples of the patch size.
         layer: reduce after this block, in ``[1, depth - 1]``.
         needs: a scorer, scorers, or capture names (``"attention"``, ``"attention_layers"``, ``"key_mass"``, ...).
-            Keys, values and hidden states of ``layer`` are always kept (merging reads the keys).
+            Keys, values and hidden states of ``layer`` are always kept (merging reads the keys). When every scorer
+            reads only the [CLS] row (:func:`reads_cls_row_only`), block ``layer`` records that row, ``(B, H, 1,
+            K)``, from the fused scored-attention kernel instead of the full matrix.
     """
     parts = vit_parts(model)
     check_layer(layer, parts.depth)
     check_pixels(pixel_values, parts.patch_size)
+    cls_row = reads_cls_row_only(needs)
     needs = needs_of(needs)
     all_layers = "attention_layers" in needs
     last_layer = all_layers or bool(needs & {"attention", "key_mass"})
@@ -127,9 +138,11 @@ def vit_prefix(model: nn.Module, pixel_values: torch.Tensor, layer: int, needs=N
         if n_prefix < 0:
             raise ValueError(f"embeddings gave {k} tokens for {n_patches} patches")
         probs = []
+        cls_row = cls_row and n_prefix >= 1  # [CLS] is token 0
         for i, block in enumerate(parts.blocks[:layer]):
             is_last = i == layer - 1
-            state = AttentionState(record_probs=all_layers or (is_last and last_layer), record_kv=is_last)
+            state = AttentionState(record_probs=all_layers or (is_last and last_layer and not cls_row),
+                                   record_cls_row=is_last and cls_row, record_kv=is_last)
             hidden = run_block(block, hidden, state)
             if state.probs is not None:
                 probs.append(state.probs)
@@ -253,6 +266,7 @@ def reduce_and_finish(model: nn.Module, prefix: VitPrefix, scorer: Scorer | None
     needs = scorer.needs if scorer is not None else frozenset()
     all_layers = "attention_layers" in needs
     probs_needed = all_layers or bool(needs & {"attention", "key_mass"})
+    cls_row = reads_cls_row_only(scorer) and prefix.has_cls
     merging = method != "drop"
 
     hidden, positions, sizes = prefix.hidden, prefix.positions, prefix.sizes
@@ -283,9 +297,7 @@ def reduce_and_finish(model: nn.Module, prefix: VitPrefix, scorer: Scorer | None
                 else:
                     hidden, sizes = hidden[survivor].view(b, n_out, -1), sizes[survivor].view(b, n_out)
                     idx = torch.nonzero(survivor)[:, 1].view(b, 1, n_out, 1)
-                    attention_layers = [a.gather(2, idx.expand(-1, a.shape[1], -1, a.shape[3]))
-                                        .gather(3, idx.transpose(2, 3).expand(-1, a.shape[1], n_out, -1))
-                                        for a in attention_layers]
+                    attention_layers = [keep_tokens(a, idx) for a in attention_layers]
                 positions = positions[survivor].view(b, n_out)
                 if merging and proportional_attention and bool((sizes != 1).any()):
                     size_bias = sizes.log()
@@ -296,10 +308,9 @@ def reduce_and_finish(model: nn.Module, prefix: VitPrefix, scorer: Scorer | None
             start = time.perf_counter()
             later_stage = any(s.layer > layer for s in plan)
             next_is_stage = layer + 1 in stage_at
-            state = AttentionState(
-                log_sizes=size_bias,
-                record_probs=later_stage and probs_needed and (all_layers or next_is_stage),
-                record_kv=next_is_stage)
+            record = later_stage and probs_needed and (all_layers or next_is_stage)
+            state = AttentionState(log_sizes=size_bias, record_probs=record and not cls_row,
+                                   record_cls_row=record and cls_row, record_kv=next_is_stage)
             with counting_tokens(parts.blocks[layer:layer + 1], counts):
                 hidden = run_block(parts.blocks[layer], hidden, state)
             if state.probs is not None:
@@ -317,6 +328,15 @@ def reduce_and_finish(model: nn.Module, prefix: VitPrefix, scorer: Scorer | None
     return VitResult(tokens=tokens, sizes=sizes, tokens_per_layer=counts, kept_positions=positions,
                      assignment=assignment, seconds=seconds, n_prefix=prefix.n_prefix, has_cls=prefix.has_cls,
                      flops=estimate_flops(parts.config, counts, n_patches=n_patches))
+
+
+def keep_tokens(attention: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``attention (B, H, Q, K)`` restricted to the kept tokens ``idx (B, 1, n, 1)``: keys always, query rows when
+    the matrix is square (a recorded [CLS] row, ``Q = 1``, stays: [CLS] is always kept)."""
+    b, h, q, k = attention.shape
+    if q == k:
+        attention = attention.gather(2, idx.expand(-1, h, -1, k))
+    return attention.gather(3, idx.transpose(2, 3).expand(-1, h, attention.shape[2], -1))
 
 
 def vit_forward(model: nn.Module, pixel_values: torch.Tensor) -> VitResult:
@@ -352,7 +372,9 @@ __all__ = [
     "install",
     "mlp_macs_per_token",
     "needs_of",
+    "keep_tokens",
     "prune_vit",
+    "reads_cls_row_only",
     "reduce_and_finish",
     "replicate_seed",
     "vit_parts",

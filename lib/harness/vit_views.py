@@ -15,8 +15,13 @@ from ..scorers.base import AttentionView, Scorer
 def build_view(hidden: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None,
                attention_layers: list[torch.Tensor], *, n_prefix: int, has_cls: bool, grid: tuple[int, int],
                generator: torch.Generator | None = None) -> AttentionView:
-    """The scorer's view of one batch whose rows share ``positions (K,)`` (see the vision contract)."""
+    """The scorer's view of one batch whose rows share ``positions (K,)`` (see the vision contract).
+
+    The attention holds either every query row, ``(B, H, K, K)``, or the first ``Q < K`` tokens' rows (the [CLS] row
+    that the fused kernel records, ``Q = 1``); ``query_positions`` says which.
+    """
     k = positions.shape[-1]
+    rows = attention_layers[-1].shape[-2] if attention_layers else k
     patch = positions >= n_prefix
     cls = positions == 0 if has_cls else torch.zeros(k, dtype=torch.bool, device=positions.device)
     roles = {"patch": patch}
@@ -29,7 +34,7 @@ def build_view(hidden: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor
     coords = torch.where(patch[:, None], coords, torch.full_like(coords, -1))
     # an encoder's attention is not causal: every token's query sees every key (ZipCache's normaliser is K)
     visible = torch.full((k,), k, dtype=torch.long, device=positions.device)
-    return AttentionView(key_positions=positions, query_positions=positions, visible_queries=visible,
+    return AttentionView(key_positions=positions, query_positions=positions[:rows], visible_queries=visible,
                          attention=attention_layers[-1] if attention_layers else None,
                          attention_layers=list(attention_layers) if attention_layers else None,
                          keys=keys, values=values, hidden=hidden, patch_coords=coords.long(), roles=roles,

@@ -31,6 +31,7 @@ class ClsAttention(Scorer):
     name = "cls_attention"
     needs = frozenset({"attention", "attention_layers"})
     requires_roles = frozenset({"cls"})
+    attention_rows = "cls"
     layer: int = -1
 
     def __post_init__(self) -> None:
@@ -60,6 +61,7 @@ class MultilayerClsAttention(Scorer):
     """
 
     name = "multilayer_cls_attention"
+    head_layout = "shared"
     needs = frozenset({"attention_layers"})
     requires_roles = frozenset({"cls"})
     layers: list[int] | None = None
