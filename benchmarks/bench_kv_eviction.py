@@ -72,7 +72,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scored_attention import RESULTS, environment, print_table, write_csv  # noqa: E402
 
 COLUMNS = [
-    "device", "threads", "torch", "model", "L", "budget", "scorer", "setting", "evict_every", "steps", "cycles",
+    "device", "threads", "torch", "model", "L", "budget", "scorer", "setting", "head_mode", "evict_every", "steps",
+    "cycles",
     "max_cache_len", "time_ms", "bookkeeping_ms",
     "evict_ms", "machinery_pct", "overhead_pct", "overhead_same_size_pct", "kv_mib_full", "kv_mib_budget", "kv_freed_frac", "theory_frac",
     "rss_drop_notrim_mib", "rss_drop_mib", "load_avg_1m",
@@ -143,14 +144,16 @@ def prefill(model, ids, decay: float | None):
     return kv, states
 
 
-def copy_states(states):
+def copy_states(states, kv_heads: int | None = None):
+    """Clones of the prefilled (shared) states; ``kv_heads`` set: per-KV-head states, every head holding the same
+    positions until the first eviction makes them differ."""
     from salience.harness.kv_eviction import LayerState
 
     out = []
     for s in states:
-        t = LayerState()
+        t = LayerState(kv_heads)
         t.mass = None if s.mass is None else s.mass.clone()
-        t.positions = s.positions.clone()
+        t.positions = s.positions.clone() if kv_heads is None else s.positions[:, None].expand(-1, kv_heads, -1).clone()
         out.append(t)
     return out
 
@@ -158,13 +161,15 @@ def copy_states(states):
 class Setting:
     """One setting's own cache (and bookkeeping state); :meth:`step` decodes one token and returns its timings."""
 
-    def __init__(self, model, kv, states, ids, L, *, setting, scorer, budget, n_sink, evict_every=1):
+    def __init__(self, model, kv, states, ids, L, *, setting, scorer, budget, n_sink, evict_every=1,
+                 head_mode="shared"):
         import torch
 
         from salience.harness.kv_eviction import evict_layers, needs_attention
 
         self.model, self.ids, self.L, self.setting, self.scorer = model, ids, L, setting, scorer
-        self.budget, self.n_sink, self.evict_every = budget, n_sink, evict_every
+        self.budget, self.n_sink, self.evict_every, self.head_mode = budget, n_sink, evict_every, head_mode
+        kv_heads = None if head_mode == "shared" else model.config.num_key_value_heads
         self.max_cache_len = 0
         self.cycle: list[tuple[float, float, float]] | None = []  # (step, evict, bookkeeping) ms; None: incomplete
         self.uses_attention = scorer is not None and needs_attention(scorer)
@@ -172,7 +177,8 @@ class Setting:
         self.cache = clone_cache(model.config, kv, upto=budget if setting == "eager_budget" else None)
         self.layers = None
         if setting in ("bookkeeping", "evict"):
-            self.layers = copy_states(states) if self.uses_attention else [_state_with_positions(L) for _ in kv]
+            self.layers = (copy_states(states, kv_heads) if self.uses_attention
+                           else [_state_with_positions(L, kv_heads) for _ in kv])  # fmt: skip
         self.gen = torch.Generator().manual_seed(0)
         self.times, self.evict_times, self.callback_times = [], [], []  # per complete cycle, per-step means
         self.mem = {}
@@ -257,12 +263,12 @@ class Setting:
         return out
 
 
-def _state_with_positions(L):
+def _state_with_positions(L, kv_heads=None):
     import torch
 
     from salience.harness.kv_eviction import LayerState
 
-    s = LayerState()
+    s = LayerState(kv_heads)
     s.append_positions(torch.arange(L))
     return s
 
@@ -278,6 +284,8 @@ def parse_args(argv=None):
     p.add_argument("--scorers", nargs="+", default=["accumulated_attention", "normalized_attention", "recency"])
     p.add_argument("--evict-every", type=int, nargs="+", default=[1, 16],
                    help="evict rows: evict once the cache holds budget + k entries (one row per k)")
+    p.add_argument("--head-modes", nargs="+", default=["shared"], choices=["shared", "per_kv_head"],
+                   help="evict rows: one token set for all KV heads (shared) or one per KV head (one row per mode)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     p.add_argument("--out", type=Path, help="CSV path (default benchmarks/results/kv_eviction_cpu.csv)")
     args = p.parse_args(argv)
@@ -320,13 +328,14 @@ def main(argv=None) -> list[dict]:
         base = dict(device="cpu", threads=threads, torch=torch.__version__, model=args.model, L=L, budget=budget,
                     steps=args.steps)  # fmt: skip
         common = dict(budget=budget, n_sink=args.n_sink)
-        plan = [("eager", None, 1), ("hook", None, 1), ("eager_budget", None, 1)]
-        plan += [("bookkeeping", sc, 1) for sc in scorers]
-        plan += [("evict", sc, k) for sc in scorers for k in args.evict_every]
+        plan = [("eager", None, 1, "shared"), ("hook", None, 1, "shared"), ("eager_budget", None, 1, "shared")]
+        plan += [("bookkeeping", sc, 1, "shared") for sc in scorers]
+        plan += [("evict", sc, k, mode) for sc in scorers for k in args.evict_every for mode in args.head_modes]
         runs = []
-        for setting, scorer, k in plan:
+        for setting, scorer, k, mode in plan:
             kv_s, states = prefilled[float(scorer.mass_decay)] if scorer is not None else (kv, None)
-            runs.append(Setting(model, kv_s, states, ids, L, setting=setting, scorer=scorer, evict_every=k, **common))
+            runs.append(Setting(model, kv_s, states, ids, L, setting=setting, scorer=scorer, evict_every=k,
+                                head_mode=mode, **common))
         # round robin: step i of every setting before step i + 1 of any, in a rotating order, so that the shared
         # machine's load drifts over all settings alike instead of favouring whichever ran in a quiet moment
         for i in range(args.warmup + args.steps):
@@ -336,10 +345,11 @@ def main(argv=None) -> list[dict]:
         load = round(os.getloadavg()[0], 2)
         group = []
         for run in runs:
-            row = dict(base, scorer=run.scorer.name if run.scorer else "", setting=run.setting, **run.result(),
-                       load_avg_1m=load)  # fmt: skip
+            row = dict(base, scorer=run.scorer.name if run.scorer else "", setting=run.setting,
+                       head_mode=run.head_mode, **run.result(), load_avg_1m=load)  # fmt: skip
             group.append(row)
-            print(f"  {run.setting:12s} {row['scorer']:22s} k={run.evict_every:<3d} {row['time_ms']:8.2f} ms"
+            print(f"  {run.setting:12s} {row['scorer']:22s} {run.head_mode:11s} k={run.evict_every:<3d} "
+                  f"{row['time_ms']:8.2f} ms"
                   + (f"  (bookkeeping {row['bookkeeping_ms']:.2f} ms)" if "bookkeeping_ms" in row else "")
                   + (f"  (evict {row['evict_ms']:.2f} ms)" if "evict_ms" in row else ""), flush=True)  # fmt: skip
         del runs
@@ -356,7 +366,8 @@ def main(argv=None) -> list[dict]:
         gc.collect()
         write_csv(rows, COLUMNS, args.out)  # after every length: a long run keeps what it measured
     print()
-    print_table(rows, ["L", "budget", "scorer", "setting", "evict_every", "max_cache_len", "time_ms", "bookkeeping_ms",
+    print_table(rows, ["L", "budget", "scorer", "setting", "head_mode", "evict_every", "max_cache_len", "time_ms",
+                       "bookkeeping_ms",
                        "evict_ms", "machinery_pct",
                        "overhead_pct",
                        "overhead_same_size_pct", "load_avg_1m"])  # fmt: skip

@@ -75,8 +75,26 @@ def select_topk(scores: torch.Tensor, budget: int, protected: torch.Tensor | Non
         if n_protected > budget:
             raise ValueError(f"{n_protected} protected tokens exceed the budget of {budget}")
         ranked = ranked.masked_fill(protected.to(torch.bool), float("inf"))
-    kept = ranked.topk(budget, dim=-1).indices
-    return kept.sort(dim=-1).values
+    keep = None
+    if k - budget < budget:  # dropping few (eviction drops one token a step): find the dropped ones instead
+        keep = _keep_by_dropping(ranked, k - budget)
+    if keep is None:
+        keep = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, ranked.topk(budget, dim=-1).indices, True)
+    # a mask's nonzero entries come in ascending order, row by row: no sort needed
+    return keep.nonzero()[:, -1].view(*scores.shape[:-1], budget)
+
+
+def _keep_by_dropping(ranked: torch.Tensor, n_drop: int) -> torch.Tensor | None:
+    """The keep mask that drops the ``n_drop`` lowest scores of every row, or None when some row has a tie across
+    the boundary (then which tied token stays is ``topk``'s choice, and :func:`select_topk` leaves it to ``topk``, so
+    both ways keep the same set)."""
+    keep = torch.ones_like(ranked, dtype=torch.bool)
+    if n_drop == 0:
+        return keep
+    dropped, index = ranked.topk(n_drop, dim=-1, largest=False)
+    keep.scatter_(-1, index, False)
+    lowest_kept = ranked.masked_fill(~keep, float("inf")).amin(dim=-1)
+    return keep if bool((dropped.amax(dim=-1) < lowest_kept).all()) else None
 
 
 def reduce_to_kv_heads(scores: torch.Tensor, num_kv_heads: int, mode: str = "mean") -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from salience.harness import capture_attention, prefill_scores, stream_perplexity
+from salience.harness.kv_eviction import take_slots
 from salience.harness.kv_streaming import Stream, stream_batch
 from salience.models import load_model
 from salience.scorers import get_scorer
@@ -225,3 +226,15 @@ def test_fused_path_refuses_what_it_cannot_feed(lm, scorer, match):
     if scorer == "tova":
         with pytest.raises(ValueError, match=match):
             prefill_scores(model, ids, {"t": get_scorer(scorer)}, attention="fused")
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per-kv-head"])
+def test_take_slots_is_the_gather_along_the_slot_axis(per_head):
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, 3, 11, 4, generator=gen)
+    shape = (2, 3, 6) if per_head else (2, 6)
+    kept = torch.stack([torch.randperm(11, generator=gen)[:6].sort().values for _ in range(6 if per_head else 2)])
+    kept = kept.view(shape)
+    index = (kept if per_head else kept[:, None].expand(-1, 3, -1))[..., None].expand(-1, -1, -1, 4)
+    (taken,) = take_slots(kept, cache)
+    assert torch.equal(taken, cache.gather(2, index))

@@ -73,3 +73,28 @@ def test_gqa_reduction():
     torch.testing.assert_close(shared[0, 0], shared[0, 1])
     with pytest.raises(ValueError, match="multiple"):
         reduce_to_kv_heads(s, 4)
+
+
+def _topk_then_sort(scores, budget, protected=None):
+    """What select_topk computed before it learned to find the dropped tokens instead: topk, then sort."""
+    ranked = scores.float()
+    if protected is not None:
+        ranked = ranked.masked_fill(protected, float("inf"))
+    return ranked.topk(budget, dim=-1).indices.sort(dim=-1).values
+
+
+@pytest.mark.parametrize("drop", [0, 1, 3, 40])
+def test_dropping_few_keeps_the_same_set_as_topk(drop):
+    gen = torch.Generator().manual_seed(drop)
+    scores = torch.randn(2, 30, 101, generator=gen)
+    protected = torch.zeros(101, dtype=torch.bool)
+    protected[:4] = True
+    got = select_topk(scores, 101 - drop, protected)
+    assert torch.equal(got, _topk_then_sort(scores, 101 - drop, protected))
+
+
+def test_a_tie_across_the_boundary_is_left_to_topk():
+    # eight tokens share the lowest score and one must go: the fast path cannot tell which, so topk decides
+    scores = torch.tensor([[5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0]])
+    assert torch.equal(select_topk(scores, 9), _topk_then_sort(scores, 9))
+    assert select_topk(scores, 9)[0].tolist().count(0) == 1 and 9 in select_topk(scores, 9)[0].tolist()
