@@ -40,20 +40,12 @@ from tqdm import tqdm
 from .harness.attention_capture import check_attention_path
 from .harness.kv_feed import feed_batched
 from .harness.kv_prefill import ScoringView, shared_prefill
-from .harness.kv_prefill_compression import (
-    HEAD_MODES,
-    as_scorer,
-    check_ids,
-    check_protection,
-    check_scorer_window,
-    compress_shared,
-    plain_number,
-)
+from .harness.kv_prefill_compression import HEAD_MODES, as_scorer, compress_shared
 from .metrics import area_under_curve
 from .scorers.accumulated_attention import AccumulatedAttention
 from .scorers.base import Scorer
 from .seeding import unit_seed
-from .selection import resolve_budget
+from .validation import check_ids, check_scorer_window, checked_budget, plain_number
 
 BASELINE = "uncompressed"
 ORACLE = "oracle"
@@ -95,7 +87,7 @@ def check_settings(items, budgets, lengths, head_mode, n_sink, recent_window, at
         for _, scorer in items:
             check_scorer_window(scorer, prefill_len)
         for budget in budgets:
-            check_protection(n_sink, recent_window, resolve_budget(plain_number(budget), context_len), context_len)
+            checked_budget(budget, context_len, n_sink=n_sink, recent_window=recent_window)
 
 
 def measured_cache_len(c) -> int:

@@ -22,7 +22,7 @@ import torch
 
 from . import activation_cache as ac
 from . import scorers, vision_tasks
-from .data import _common as data_common
+from .data import loading as data_loading
 from .data import images as image_data
 from .harness import token_merging, vit_attention, vit_encoder, vit_model, vit_pruning, vit_views
 from .harness.vit_model import check_method
@@ -31,7 +31,7 @@ from .scorers.base import Scorer
 from .vision_readers import KeptTokens
 
 #: the modules whose source keys every cached array (a change to any of them invalidates them)
-ENCODER_CODE = (vit_encoder, vit_attention, vit_model, vit_pruning, vit_views, token_merging, image_data, data_common,
+ENCODER_CODE = (vit_encoder, vit_attention, vit_model, vit_pruning, vit_views, token_merging, image_data, data_loading,
                 vision_tasks)
 
 

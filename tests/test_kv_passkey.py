@@ -12,7 +12,7 @@ import torch
 
 from salience import kv_passkey
 from salience.harness import compress_prefill, continuation_logits
-from salience.harness.kv_prefill import _view_seed
+from salience.harness.kv_prefill import view_seed
 from salience.kv_passkey import MODES, NeedleInputs, needle_runs
 from salience.scorers import get_scorer
 from salience.seeding import unit_seed
@@ -110,7 +110,7 @@ def test_every_row_is_its_own_compression(passkey):
             feed = taught if aware else torch.cat([x.question_ids, taught], dim=1)
             for label, scorer in scorers.items():
                 for budget in BUDGETS[:2]:
-                    generator = torch.Generator().manual_seed(_view_seed(unit_seed(SEED, k), mode, label))
+                    generator = torch.Generator().manual_seed(view_seed(unit_seed(SEED, k), mode, label))
                     c = compress_prefill(model, x.context_ids, scorer, budget, question_ids=x.question_ids if aware
                                          else None, query_aware=aware, n_sink=N_SINK, recent_window=RECENT,
                                          generator=generator)

@@ -12,7 +12,7 @@ import torch
 from salience import kv_tasks
 from salience.harness import (ScoringView, capture_attention, compress_prefill, compress_shared, continuation_logits,
                               feed_batched, prefill_scores, shared_prefill)
-from salience.harness.kv_prefill import _view_seed
+from salience.harness.kv_prefill import view_seed
 from salience.scorers import AttentionView, get_scorer
 
 # ---------------------------------------------------------------- the shared path, on a tiny random Llama
@@ -43,7 +43,7 @@ def test_shared_path_equals_one_prefill_per_compression(tiny, head_mode):
         feed = rest if aware else torch.cat([question, rest], dim=1)
         for name, scorer in scorers.items():
             for budget in (8, 0.5):
-                generator = torch.Generator().manual_seed(_view_seed(7, mode, name))
+                generator = torch.Generator().manual_seed(view_seed(7, mode, name))
                 alone = compress_prefill(model, ctx, scorer, budget, question_ids=question if aware else None,
                                          query_aware=aware, generator=generator, **settings)
                 shared = compress_shared(prefill, prefill.scores[mode, name], budget, prefix_len=end, **settings)
@@ -69,7 +69,7 @@ def _captured_scores(model, ids, scorers, seed, view) -> dict[str, torch.Tensor]
     alone: each layer's captured attention (to the scorers that read it), keys and values handed straight to the
     scorer (stochastic ones with the generator the shared path gives ``(view, label)``)."""
     positions = torch.arange(ids.shape[1])
-    generators = {name: torch.Generator().manual_seed(_view_seed(seed, view, name)) for name in scorers}
+    generators = {name: torch.Generator().manual_seed(view_seed(seed, view, name)) for name in scorers}
     out = {name: [] for name in scorers}
 
     def on_attention(layer, probs, key, value):

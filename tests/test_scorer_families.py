@@ -8,10 +8,13 @@ SepLLM without separators, an explanation rule that runs the model on a view wit
 scorer only the captures it declares in ``needs``, so a harness that captures exactly that is enough.
 """
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
 from salience.scorers import AttentionView, available_scorers, get_scorer
+from salience.scorers.base import Scorer, register
 
 B, H, D = 2, 2, 4
 
@@ -108,3 +111,35 @@ def test_every_family_b_scorer_is_registered():
     family_b = {"random", "spatial_grid", "cls_attention", "multilayer_cls_attention", "attention_rollout", "flowcut",
                 "hiprune", "accumulated_attention", "divprune", "dart", "todre", "graph_propagation"}
     assert family_b <= set(available_scorers())
+
+
+def gqa_view():
+    """The vision view with 4 query heads over 2 KV heads: a rule's declared head layout becomes a distinct count."""
+    full = _captures(9, causal=False)
+    g = torch.Generator().manual_seed(3)
+    wide = [torch.softmax(torch.randn(B, 2 * H, 9, 9, generator=g), dim=-1) for _ in range(3)]
+    return vision_view(dict(full, attention=wide[-1], attention_layers=wide, key_mass=wide[-1].sum(dim=-2)))
+
+
+@pytest.mark.parametrize("name", [n for n in available_scorers() if n not in VISION_ERRORS])
+def test_every_scorer_returns_its_declared_head_layout_on_a_gqa_view(name):
+    scorer = get_scorer(name)
+    expected = {"query": 2 * H, "kv": H, "shared": 1, "view": 2 * H}[scorer.head_layout]
+    assert scorer(gqa_view()).shape[1] == expected
+
+
+def test_a_scorer_that_breaks_its_head_layout_is_stopped():
+    @dataclass
+    class OneRow(Scorer):
+        name = "test_one_row_as_query"
+
+        def score(self, view):
+            return view.attention.sum(dim=(1, 2)).unsqueeze(1)
+
+    with pytest.raises(RuntimeError, match="head_layout 'query'.*4 row"):
+        OneRow()(gqa_view())
+    OneRow.head_layout = "shared"
+    assert OneRow()(gqa_view()).shape[1] == 1
+    OneRow.head_layout = "per head"
+    with pytest.raises(TypeError, match="head_layout must be one of"):
+        register(OneRow)

@@ -11,7 +11,7 @@ import salience.runs as runs
 from salience import activation_cache as ac
 from salience import vision_entries, vision_tasks
 from salience import vision_eval as ve
-from salience.data import _common as data_common
+from salience.data import loading as data_loading
 from salience.scorers import divprune, get_scorer
 
 from test_vit_harness import tiny_dinov2
@@ -152,9 +152,9 @@ def test_scores_keys_follow_the_helpers_a_scorer_calls(monkeypatch, helper):
     assert vision_entries.scores_code(cls, 8) != before["cls_attention"]  # any scorer module: every scores key
 
 
-@pytest.mark.parametrize("module", [data_common, vision_tasks])
+@pytest.mark.parametrize("module", [data_loading, vision_tasks])
 def test_encoder_key_follows_the_subset_draw_and_the_pixel_scaling(monkeypatch, module):
-    # data._common.subset_indices picks the images, vision_tasks._MAX_VALUE scales their pixels
+    # data.loading.subset_indices picks the images, vision_tasks._MAX_VALUE scales their pixels
     before = vision_entries.encoder_code()
     _edited(monkeypatch, module)
     assert vision_entries.encoder_code() != before

@@ -7,7 +7,7 @@ import functools
 
 import numpy as np
 
-from ._common import subset_indices
+from .loading import subset_indices
 
 # The train/test partition is fixed (its own seed), so "train" and "test" never overlap whatever `seed` a caller
 # passes to pick a subset; stratified, so every class keeps its share.

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import datasets  # noqa: E402
 
-from ._common import gensim_test_file, package_dir, subset_indices  # noqa: E402
+from .loading import gensim_test_file, package_dir, subset_indices  # noqa: E402
 
 WIKIPEDIA_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .kv_prefill_compression import CompressedPrefill, check_ids
+from ..validation import check_ids
+from .kv_prefill_compression import CompressedPrefill
 
 
 @contextmanager

@@ -144,7 +144,7 @@ class SharedPrefill:
         return None
 
 
-def _view_seed(seed: int, view: str, label: str) -> int:
+def view_seed(seed: int, view: str, label: str) -> int:
     """A stable seed per (view, scorer): adding a scorer or a view does not change another's random draws."""
     return (int(seed) * 1_000_003 + zlib.crc32(f"{view}/{label}".encode())) % (2**63)
 
@@ -218,7 +218,7 @@ def shared_prefill(
     for v in views:
         for label in v.scorers:
             if isinstance(generator, int) and not isinstance(generator, bool):
-                generators[v.name, label] = torch.Generator().manual_seed(_view_seed(generator, v.name, label))
+                generators[v.name, label] = torch.Generator().manual_seed(view_seed(generator, v.name, label))
             else:
                 generators[v.name, label] = generator
 

@@ -33,7 +33,6 @@ on the batch it feeds. A ratio of 1.0 keeps every token and reproduces the uncom
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +40,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..scorers.base import Scorer, get_scorer
-from ..selection import protected_mask, reduce_to_kv_heads, resolve_budget, select_topk
+from ..selection import protected_mask, reduce_to_kv_heads, select_topk
+from ..validation import check_ids, checked_budget, check_protected_fits, check_scorer_window
 from .attention_capture import check_attention_path
 from .kv_prefill import SharedPrefill, ScoringView, shared_prefill
 
@@ -107,52 +107,6 @@ def as_scorer(scorer: Scorer | str) -> Scorer:
     if isinstance(scorer, str):
         return get_scorer(scorer)
     raise ValueError(f"scorer must be a Scorer or a registered scorer name, got {scorer!r}")
-
-
-def plain_number(budget):
-    """NumPy scalars (a budget from ``np.linspace`` or ``np.arange``) as Python floats / ints."""
-    if isinstance(budget, bool) or isinstance(budget, (int, float)):
-        return budget
-    if isinstance(budget, numbers.Integral):
-        return int(budget)
-    if isinstance(budget, numbers.Real):
-        return float(budget)
-    return budget
-
-
-def check_ids(ids: torch.Tensor, what: str) -> torch.Tensor:
-    """``ids`` itself when it is a ``(1, T)`` tensor with ``T >= 1``; ValueError naming ``what`` otherwise."""
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
-        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ValueError(f"{what} must be a (1, T) tensor of token ids with T >= 1, got {shape}")
-    return ids
-
-
-def check_protection(n_sink: int, recent_window: int, budget_tokens: int, context_len: int) -> None:
-    """``n_sink`` and ``recent_window`` are non-negative, the window fits the context and both fit the budget."""
-    if n_sink < 0 or recent_window < 0:
-        raise ValueError(f"n_sink and recent_window must be >= 0, got {n_sink} and {recent_window}")
-    if recent_window > context_len:
-        raise ValueError(f"recent_window ({recent_window}) is longer than the context ({context_len} tokens): "
-                         f"use recent_window in [0, {context_len}]")
-    if n_sink + recent_window > budget_tokens:
-        raise ValueError(f"n_sink ({n_sink}) + recent_window ({recent_window}) exceed the budget of {budget_tokens} "
-                         f"tokens: protect at most {budget_tokens} tokens")
-
-
-def check_protected_fits(protect: torch.Tensor, budget_tokens: int) -> None:
-    """The tokens always kept (``protect`` ``(C,)`` bool: sinks, recent window, e.g. a needle span) fit the budget."""
-    if int(protect.sum()) > budget_tokens:
-        raise ValueError(f"{int(protect.sum())} protected tokens (n_sink, recent_window, protect) exceed the budget "
-                         f"of {budget_tokens} tokens: protect at most {budget_tokens}")
-
-
-def check_scorer_window(scorer: Scorer, prompt_len: int) -> None:
-    """A scorer with an int ``window`` (SnapKV, CAOTE) reads at most ``prompt_len`` queries' rows."""
-    window = getattr(scorer, "window", None)
-    if isinstance(window, int) and not isinstance(window, bool) and window > prompt_len:
-        raise ValueError(f"{scorer.name} window ({window}) is longer than the prompt ({prompt_len} tokens): "
-                         f"use window in [1, {prompt_len}]")
 
 
 def _kv_head_scores(scores: torch.Tensor, num_kv_heads: int, head_mode: str) -> torch.Tensor:
@@ -236,8 +190,7 @@ def compress_shared(
     layers = prefill.num_layers
     if scores.dim() != 3 or scores.shape[0] != layers or scores.shape[-1] != context_len:
         raise ValueError(f"scores must be (layers={layers}, heads, C={context_len}), got {tuple(scores.shape)}")
-    budget_tokens = resolve_budget(plain_number(budget), context_len)
-    check_protection(n_sink, recent_window, budget_tokens, context_len)
+    budget_tokens = checked_budget(budget, context_len, n_sink=n_sink, recent_window=recent_window)
     source = prefill.cache.layers
     num_kv_heads = source[0].keys.shape[1]
     device = source[0].keys.device
@@ -317,8 +270,7 @@ def compress_prefill(
     if head_mode not in HEAD_MODES:
         raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
     context_len = context_ids.shape[1]
-    budget_tokens = resolve_budget(plain_number(budget), context_len)
-    check_protection(n_sink, recent_window, budget_tokens, context_len)
+    budget_tokens = checked_budget(budget, context_len, n_sink=n_sink, recent_window=recent_window)
     check_attention_path(attention, [scorer])
     if query_aware:
         if question_ids is None:

@@ -68,6 +68,7 @@ class AttentionFlow(Scorer):
     """
 
     name = "attention_flow"
+    head_layout = "shared"
     needs = frozenset({"attention_layers"})
     residual: float = 0.5
     head_fusion: str = "mean"

@@ -39,6 +39,7 @@ class AttentionRollout(Scorer):
     """
 
     name = "attention_rollout"
+    head_layout = "shared"
     needs = frozenset({"attention_layers"})
     residual: float = 0.5
     head_fusion: str = "mean"

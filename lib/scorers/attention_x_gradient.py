@@ -30,6 +30,7 @@ class AttentionXGradient(Scorer):
     """
 
     name = "attention_x_gradient"
+    head_layout = "shared"
     #: runs the model itself; ``attention_layers`` marks it attention-based (it reads the model's eager attention)
     needs = frozenset({"model", "gradients", "attention_layers"})
     layer: int = -1

@@ -102,6 +102,26 @@ class AttentionView:
         return seen.sum(dim=0)
 
 
+HEAD_LAYOUTS = ("query", "kv", "shared", "view")
+
+
+def expected_heads(layout: str, view: AttentionView) -> int | None:
+    """How many head rows a scorer of ``layout`` returns for ``view``; None when the view does not tell (a query-head
+    rule on a view without attention or key mass, a KV-head rule without keys or values)."""
+    if layout == "shared":
+        return 1
+    if layout == "view":
+        return view.batch_heads()[1]
+    if layout == "query":
+        layers = view.attention_layers[-1] if view.attention_layers else None
+        source = next((t for t in (view.attention, view.key_mass, layers) if t is not None), None)
+    elif layout == "kv":
+        source = view.keys if view.keys is not None else view.values
+    else:
+        raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {layout!r}")
+    return None if source is None else int(source.shape[1])
+
+
 _REGISTRY: dict[str, type["Scorer"]] = {}
 
 
@@ -118,6 +138,17 @@ class Scorer:
     #: The rule draws from ``AttentionView.generator`` (random scores, random pivots): harnesses give each replicate
     #: (and each batch) its own seed and repeat the entry over replicates.
     stochastic: ClassVar[bool] = False
+    #: What the head axis of the returned scores stands for, checked by :meth:`__call__` against the view:
+    #: ``"query"``: one row per query head (the attention's or key mass's head count; attention rules);
+    #: ``"kv"``: one per KV head (the keys' or values' head count); ``"shared"``: one row for all heads (H = 1);
+    #: ``"view"``: as many rows as :meth:`AttentionView.batch_heads` finds (rules that read no head-specific
+    #: capture: positions, roles, random draws). A consumer reduces any of them to KV heads or to one ranking with
+    #: :func:`salience.selection.reduce_to_kv_heads` / a mean over the head axis.
+    head_layout: ClassVar[str] = "query"
+    #: Which query rows of ``attention`` the rule reads: ``"all"``, or ``"cls"`` (the [CLS] row only). A harness may
+    #: then hand it ``attention`` of shape ``(B, H, 1, K)`` with ``query_positions`` naming that row, computed by the
+    #: fused scored-attention kernel instead of the full matrix (the ViT pruning harness does).
+    attention_rows: ClassVar[str] = "all"
 
     @property
     def attention_free(self) -> bool:
@@ -140,6 +171,10 @@ class Scorer:
             raise RuntimeError(
                 f"scorer {self.name!r} returned shape {tuple(scores.shape)}; the contract is (B, H, {view.num_keys})"
             )
+        heads = expected_heads(self.head_layout, view)
+        if heads is not None and scores.shape[1] != heads:
+            raise RuntimeError(f"scorer {self.name!r} declares head_layout {self.head_layout!r}, which means {heads} "
+                               f"row(s) for this view, and returned {scores.shape[1]}")
         return scores
 
 
@@ -147,6 +182,8 @@ def register(cls: type[Scorer]) -> type[Scorer]:
     """Class decorator: make a scorer available by its ``name``."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} needs a non-empty `name`")
+    if cls.head_layout not in HEAD_LAYOUTS:
+        raise TypeError(f"{cls.__name__}.head_layout must be one of {HEAD_LAYOUTS}, got {cls.head_layout!r}")
     unknown = cls.needs - CAPTURES
     if unknown:
         raise TypeError(f"{cls.__name__}.needs has unknown captures {sorted(unknown)}; known: {sorted(CAPTURES)}")
@@ -160,10 +197,14 @@ def available_scorers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_scorer(name: str, **params) -> Scorer:
-    """Instantiate a registered scorer by name; unknown names list the valid ones."""
+def scorer_class(name: str) -> type[Scorer]:
+    """The registered class of ``name``; unknown names list the valid ones."""
     try:
-        cls = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown scorer {name!r}; available: {', '.join(available_scorers())}") from None
-    return cls(**params)
+
+
+def get_scorer(name: str, **params) -> Scorer:
+    """Instantiate a registered scorer by name; unknown names list the valid ones."""
+    return scorer_class(name)(**params)

@@ -32,6 +32,7 @@ class Dart(Scorer):
     """
 
     name = "dart"
+    head_layout = "shared"
     needs = frozenset({"hidden", "keys"})
     n_pivots: int = 4
     feature: str = "keys"

@@ -44,6 +44,7 @@ class DivPrune(Scorer):
     """
 
     name = "divprune"
+    head_layout = "shared"
     needs = frozenset({"hidden", "keys"})
     feature: str = "hidden"
     metric: str = "cosine"

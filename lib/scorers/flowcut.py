@@ -36,6 +36,7 @@ class FlowCut(Scorer):
     """
 
     name = "flowcut"
+    head_layout = "shared"
     needs = frozenset({"attention_layers", "values"})
     requires_roles = frozenset({"cls"})
     value_weighted: bool = True

@@ -127,6 +127,7 @@ class GlobEnc(Scorer):
     """
 
     name = "globenc"
+    head_layout = "shared"
     #: runs the model itself; ``attention_layers`` marks it attention-based (it reads every layer's eager attention)
     needs = frozenset({"model", "attention_layers"})
     query: str = "auto"

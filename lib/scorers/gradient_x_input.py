@@ -24,6 +24,7 @@ class GradientXInput(Scorer):
     """
 
     name = "gradient_x_input"
+    head_layout = "shared"
     needs = frozenset({"model", "gradients"})
     reduce: str = "sum"
 

@@ -34,6 +34,7 @@ class GraphPropagation(Scorer):
     """
 
     name = "graph_propagation"
+    head_layout = "shared"
     needs = frozenset({"hidden", "keys", "attention"})
     damping: float = 0.85
     tol: float = 1e-6

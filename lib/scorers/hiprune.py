@@ -38,6 +38,7 @@ class HiPrune(Scorer):
     """
 
     name = "hiprune"
+    head_layout = "shared"
     needs = frozenset({"attention_layers"})
     alpha: float = 0.1
     object_layer: int | None = None

@@ -41,6 +41,7 @@ class IntegratedGradients(Scorer):
     """
 
     name = "integrated_gradients"
+    head_layout = "shared"
     needs = frozenset({"model", "gradients"})
     n_steps: int = 50
     method: str = "gausslegendre"

@@ -21,6 +21,7 @@ class KeyNorm(Scorer):
     """
 
     name = "key_norm"
+    head_layout = "kv"
     needs = frozenset({"keys"})
 
     def score(self, view: AttentionView) -> torch.Tensor:

@@ -44,6 +44,7 @@ class Occlusion(Scorer):
     """
 
     name = "occlusion"
+    head_layout = "shared"
     needs = frozenset({"model"})
     replacement: str = "token"
 

@@ -18,6 +18,7 @@ class RandomScorer(Scorer):
     """
 
     name = "random"
+    head_layout = "view"
     needs = frozenset()
     stochastic = True
 

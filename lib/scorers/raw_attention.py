@@ -29,6 +29,7 @@ class RawAttention(Scorer):
     """
 
     name = "raw_attention"
+    head_layout = "shared"
     needs = frozenset({"attention"})
     layer: int = -1
     head_fusion: str = "mean"

@@ -19,6 +19,7 @@ class RecencyScorer(Scorer):
     """
 
     name = "recency"
+    head_layout = "view"
     needs = frozenset()
 
     def score(self, view: AttentionView) -> torch.Tensor:

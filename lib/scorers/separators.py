@@ -45,6 +45,7 @@ class SeparatorScorer(Scorer):
     """
 
     name = "sepllm"
+    head_layout = "view"
     needs = frozenset()
     requires_roles = frozenset({"separator"})
 

@@ -43,6 +43,7 @@ class SpatialGrid(Scorer):
     """
 
     name = "spatial_grid"
+    head_layout = "shared"
     needs = frozenset()
 
     def score(self, view: AttentionView) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
 
-from .base import _REGISTRY, Scorer, available_scorers
+from .base import Scorer, scorer_class
 
 
 class ScorerSpec(BaseModel):
@@ -35,9 +35,7 @@ class ScorerSpec(BaseModel):
 
     @model_validator(mode="after")
     def _known_fields(self) -> "ScorerSpec":
-        if self.name not in _REGISTRY:
-            raise ValueError(f"unknown scorer {self.name!r}; available: {', '.join(available_scorers())}")
-        allowed = [f.name for f in dataclasses.fields(_REGISTRY[self.name]) if f.init]
+        allowed = [f.name for f in dataclasses.fields(scorer_class(self.name)) if f.init]
         unknown = sorted(set(self.options) - set(allowed))
         if unknown:
             raise ValueError(f"scorer {self.name!r} has no field(s) {unknown}; its fields: {allowed or 'none'}")
@@ -58,7 +56,7 @@ class ScorerSpec(BaseModel):
         return self.label or self.name
 
     def build(self) -> Scorer:
-        return _REGISTRY[self.name](**self.options)
+        return scorer_class(self.name)(**self.options)
 
 
 def _unique_labels(specs: list[ScorerSpec]) -> list[ScorerSpec]:

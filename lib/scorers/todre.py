@@ -45,6 +45,7 @@ class ToDRE(Scorer):
     """
 
     name = "todre"
+    head_layout = "shared"
     needs = frozenset({"hidden", "keys", "attention"})
     relevance_weight: float = 0.5
     relevance: str = "cls_attention"
