@@ -37,6 +37,21 @@ def fused_attention_with_lse():
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def fused_attention(q, k, v, *, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of torch's fused CPU kernel. It reads grouped K/V heads itself (query head ``h`` uses KV head
+    ``h // (H_q // H_kv)``, as here; checked against repeated heads in the tests); a build that refuses them gets
+    the heads repeated (an expanded view copied by reshape: O(N_k * D) per head, no N_q * N_k)."""
+    kernel = fused_attention_with_lse()
+    try:
+        return kernel(q, k, v, 0.0, causal, scale=scale)
+    except RuntimeError:
+        if q.shape[1] == k.shape[1]:
+            raise
+    b, h_q, h_kv = q.shape[0], q.shape[1], k.shape[1]
+    k, v = (t[:, :, None].expand(b, h_kv, h_q // h_kv, *t.shape[2:]).reshape(b, h_q, *t.shape[2:]) for t in (k, v))
+    return kernel(q, k, v, 0.0, causal, scale=scale)
+
+
 def supports(q, k, *, causal: bool, mass: str, window=None, row=None, attn_mask=None) -> str | None:
     """None when this path can compute the call; otherwise why not (one sentence)."""
     n_q, n_k = q.shape[2], k.shape[2]
@@ -85,10 +100,7 @@ def scored_attention(
     group = h_q // h_kv
     sdpa_causal = causal and n_q > 1  # one query under the end-aligned mask sees every key
 
-    # The fused kernel wants as many K/V heads as query heads: repeat them (O(N_k * D) per head, no N_q * N_k; an
-    # expanded view copied by reshape is about 3x faster than repeat_interleave).
-    k_rep, v_rep = (t[:, :, None].expand(b, h_kv, group, *t.shape[2:]).reshape(b, h_q, *t.shape[2:]) for t in (k, v))
-    out, lse = fused_attention_with_lse()(q, k_rep, v_rep, 0.0, sdpa_causal, scale=scale)
+    out, lse = fused_attention(q, k, v, causal=sdpa_causal, scale=scale)
 
     # The chosen rows, exactly: scores in base 2 (as blockwise), their maximum and sum, then normalised probabilities.
     w = stop - start

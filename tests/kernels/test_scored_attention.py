@@ -275,3 +275,13 @@ def test_triton_refuses_what_it_cannot_do(triton_device):
         scored_attention(q, q, q, causal=False, backend="triton", attn_mask=torch.ones(5, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="float64"):
         scored_attention(q.double(), q.double(), q.double(), causal=False, backend="triton")
+
+
+def test_the_fused_kernel_reads_grouped_heads_as_repeated_ones():
+    # sdpa_rows hands grouped K/V to torch's fused kernel; its answer must be that of K/V repeated per query head
+    q, k, v = make_inputs((2, 9, 3, 37, 37, 16), torch.float64, seed=7)
+    grouped = sdpa_rows.fused_attention(q, k, v, causal=True, scale=0.25)
+    repeated = sdpa_rows.fused_attention(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), causal=True,
+                                         scale=0.25)
+    for x, y in zip(grouped, repeated):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
