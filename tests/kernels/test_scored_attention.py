@@ -285,3 +285,26 @@ def test_the_fused_kernel_reads_grouped_heads_as_repeated_ones():
                                          scale=0.25)
     for x, y in zip(grouped, repeated):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_a_fused_kernel_that_refuses_grouped_heads_gets_them_repeated(monkeypatch):
+    real = sdpa_rows.fused_attention_with_lse()
+
+    def same_heads_only(q, k, v, *args, **kwargs):
+        if q.shape[1] != k.shape[1]:
+            raise RuntimeError("number of heads in key/value must equal the number of heads in query")
+        return real(q, k, v, *args, **kwargs)
+
+    q, k, v = make_inputs((1, 4, 2, 21, 21, 16), torch.float64, seed=8)
+    expected = sdpa_rows.fused_attention(q, k, v, causal=True, scale=0.25)
+    monkeypatch.setattr(sdpa_rows, "fused_attention_with_lse", lambda: same_heads_only)
+    for x, y in zip(expected, sdpa_rows.fused_attention(q, k, v, causal=True, scale=0.25)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(sdpa_rows, "fused_attention_with_lse", lambda: broken)
+    with pytest.raises(RuntimeError, match="kernel failed"):  # with equal head counts a failure is not retried
+        sdpa_rows.fused_attention(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), causal=True,
+                                  scale=0.25)
