@@ -336,3 +336,14 @@ def test_cls_scorer_reads_its_row_from_the_fused_kernel_with_the_same_result(sta
     b = vp.reduce_and_finish(model, full_prefix, full, 0.5, "drop", stages=stages)
     assert torch.equal(a.kept_positions, b.kept_positions) and a.tokens_per_layer == b.tokens_per_layer
     torch.testing.assert_close(a.tokens, b.tokens, atol=1e-5, rtol=1e-5)
+
+
+def test_a_prefix_holding_only_the_cls_row_refuses_a_scorer_that_reads_more():
+    model = tiny_dinov2(layers=2)
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(5))
+    prefix = vp.vit_prefix(model, pixels, 1, needs=get_scorer("cls_attention"))
+    with pytest.raises(ValueError, match="only the \\[CLS\\] row.*accumulated_attention"):
+        vp.reduce_and_finish(model, prefix, get_scorer("accumulated_attention"), 0.5, "drop")
+    vp.reduce_and_finish(model, prefix, None, 0.5, "tome")  # merging reads keys, not attention: fine
+    both = vp.vit_prefix(model, pixels, 1, needs=[get_scorer("cls_attention"), get_scorer("accumulated_attention")])
+    assert both.attention_layers[-1].shape[-2] == 17  # any scorer that reads more gets the whole matrix

@@ -267,6 +267,12 @@ def reduce_and_finish(model: nn.Module, prefix: VitPrefix, scorer: Scorer | None
     all_layers = "attention_layers" in needs
     probs_needed = all_layers or bool(needs & {"attention", "key_mass"})
     cls_row = reads_cls_row_only(scorer) and prefix.has_cls
+    recorded = prefix.attention_layers[-1] if prefix.attention_layers else None
+    if recorded is not None and recorded.shape[-2] < recorded.shape[-1] and probs_needed and not cls_row \
+            and method != "tome" and scores is None:  # fmt: skip
+        raise ValueError(f"this prefix recorded only the [CLS] row of block {prefix.layer}'s attention (it was built "
+                         f"for scorers that read nothing else), and {scorer.name!r} reads more: build the prefix with "
+                         "vit_prefix(..., needs=<this scorer, or every scorer that will use the prefix>)")
     merging = method != "drop"
 
     hidden, positions, sizes = prefix.hidden, prefix.positions, prefix.sizes
