@@ -174,18 +174,31 @@ def test_interrupting_a_parallel_batch_stops_children_and_keeps_results(tmp_path
     good = make_notebook(tmp_path / "good.ipynb")
     assert execute(spec(good, x=7), show_progress=False).status == "ok"
     slow = make_notebook(tmp_path / "slow.ipynb", middle="import time\ntime.sleep(300)")
+    # SIGUSR1 makes the batch print every thread's stack: if it ever hangs, the failure says where
     script = textwrap.dedent(f"""
+        import faulthandler, signal, sys
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
         from salience.runner import RunSpec, run_many
         specs = [RunSpec(n, "default", {{"x": 1}}, {slow!r}, "Tiny", "", 600.0) for n in ("tiny", "tiny2")]
         run_many(specs, jobs=2)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "SALIENCE_OUTPUTS": str(outputs)})
+    stderr_path = tmp_path / "batch.stderr"
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "SALIENCE_OUTPUTS": str(outputs)},
+                                stderr=stderr)  # fmt: skip
     deadline = time.time() + 60
     while time.time() < deadline and len(list(outputs.glob("tiny*/.default.tmp-*"))) < 2:
         time.sleep(0.5)
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) != 0
+    try:
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        pytest.fail(f"the batch did not stop within 60 s of Ctrl-C; its threads:\n{stderr_path.read_text()[-6000:]}")
+    assert code != 0
     assert not list(outputs.glob("tiny*/.default.tmp-*"))
     assert json.loads((outputs / "tiny/default/run.json").read_text())["params"]["x"] == 7
     # children carry their spec path (inside this test's outputs folder) on the command line
