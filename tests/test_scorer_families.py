@@ -143,3 +143,6 @@ def test_a_scorer_that_breaks_its_head_layout_is_stopped():
     OneRow.head_layout = "per head"
     with pytest.raises(TypeError, match="head_layout must be one of"):
         register(OneRow)
+    OneRow.head_layout, OneRow.attention_rows = "shared", "first"
+    with pytest.raises(TypeError, match="attention_rows must be one of"):
+        register(OneRow)

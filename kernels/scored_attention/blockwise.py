@@ -102,8 +102,7 @@ def scored_attention(
         m = s.amax(dim=-1, keepdim=True)
         if attn_mask is not None:
             m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=acc, device=dev))  # rows that see nothing
-        e = s.sub_(m).exp2_()  # unnormalised probabilities, in place
-        del s
+        e = s.sub_(m).exp2_()  # unnormalised probabilities, in place (e is s)
         row_sum = e.sum(dim=-1, keepdim=True)  # [B, H_q, rows, 1]; 0 for rows that see nothing
         lse[:, :, i0:i1] = ((m + row_sum.log2()) * LN_2).squeeze(-1)  # -inf where row_sum is 0, as documented
         inv = torch.where(row_sum > 0, row_sum.reciprocal(), torch.zeros((), dtype=acc, device=dev))

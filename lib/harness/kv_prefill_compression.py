@@ -41,7 +41,7 @@ from transformers import DynamicCache
 
 from ..scorers.base import Scorer, get_scorer
 from ..selection import protected_mask, reduce_to_kv_heads, select_topk
-from ..validation import check_ids, checked_budget, check_protected_fits, check_scorer_window
+from ..validation import check_ids, check_protected_fits, check_scorer_window, checked_budget
 from .attention_capture import check_attention_path
 from .kv_prefill import SharedPrefill, ScoringView, shared_prefill
 

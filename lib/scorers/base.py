@@ -103,6 +103,7 @@ class AttentionView:
 
 
 HEAD_LAYOUTS = ("query", "kv", "shared", "view")
+ATTENTION_ROWS = ("all", "cls")
 
 
 def expected_heads(layout: str, view: AttentionView) -> int | None:
@@ -184,6 +185,8 @@ def register(cls: type[Scorer]) -> type[Scorer]:
         raise TypeError(f"{cls.__name__} needs a non-empty `name`")
     if cls.head_layout not in HEAD_LAYOUTS:
         raise TypeError(f"{cls.__name__}.head_layout must be one of {HEAD_LAYOUTS}, got {cls.head_layout!r}")
+    if cls.attention_rows not in ATTENTION_ROWS:
+        raise TypeError(f"{cls.__name__}.attention_rows must be one of {ATTENTION_ROWS}, got {cls.attention_rows!r}")
     unknown = cls.needs - CAPTURES
     if unknown:
         raise TypeError(f"{cls.__name__}.needs has unknown captures {sorted(unknown)}; known: {sorted(CAPTURES)}")
