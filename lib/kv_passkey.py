@@ -239,12 +239,12 @@ def _passkey_unit(model, tokenizer, x: NeedleInputs, k, items, budgets, modes, o
                 protect = context_protection(c_len, n_sink=n_sink, recent_window=recent_window, protect=needle,
                                              device=device)
                 fits = int(protect.sum()) <= resolve_budget(budget, c_len)
-                c = (compress_shared(prefill, prefill.scores["future", ORACLE], budget, protect=needle,
+                c = (compress_shared(prefill, ("future", ORACLE), budget, protect=needle,
                                      scorer_name=ORACLE, **settings) if fits else None)
                 jobs.append((mode, ORACLE, budget, c, feed))
         for label, _ in items:
             for budget in budgets:
-                c = compress_shared(prefill, prefill.scores[mode, label], budget, scorer_name=label, **settings)
+                c = compress_shared(prefill, (mode, label), budget, scorer_name=label, **settings)
                 jobs.append((mode, label, budget, c, feed))
     base = {"prompt": k, "depth": round(float(x.depth), 3), "context_len": c_len, "question_len": q_len,
             "needle_start": x.needle_span[0], "needle_stop": x.needle_span[1], "answer": x.answer}

@@ -165,7 +165,7 @@ def _continuation_jobs(model, context, continuation, items, budgets, *, oracle, 
     if on_prefill is not None:
         on_prefill(prefill)
     labels = ([(ORACLE, "future")] if oracle else []) + [(label, "context") for label, _ in items]
-    jobs = [(label, budget, compress_shared(prefill, prefill.scores[view, label], budget, head_mode=head_mode,
+    jobs = [(label, budget, compress_shared(prefill, (view, label), budget, head_mode=head_mode,
                                             n_sink=n_sink, recent_window=recent_window, scorer_name=label))
             for label, view in labels for budget in budgets]
     return torch.log_softmax(reference, dim=-1), jobs

@@ -97,6 +97,29 @@ def _keep_by_dropping(ranked: torch.Tensor, n_drop: int) -> torch.Tensor | None:
     return keep if bool((dropped.amax(dim=-1) < lowest_kept).all()) else None
 
 
+def to_kv_heads(scores: torch.Tensor, layout: str, num_kv_heads: int) -> torch.Tensor:
+    """``(..., H, K)`` scores in a scorer's concrete head layout → ``(..., H_kv, K)``, one row per KV head.
+
+    ``layout`` is what :meth:`salience.scorers.Scorer.head_layout_for` says of the rows: ``"query"`` (one per query
+    head: each GQA group averaged), ``"kv"`` (one per KV head: as they are) or ``"shared"`` (one row: repeated). The
+    head count must match the layout; a mismatch raises instead of being guessed from the count.
+    """
+    heads = scores.shape[-2]
+    if layout == "kv":
+        if heads != num_kv_heads:
+            raise ValueError(f"KV-head scores need {num_kv_heads} head rows, got {heads}")
+        return scores
+    if layout == "shared":
+        if heads != 1:
+            raise ValueError(f"shared scores need one head row, got {heads}")
+        return scores.expand(*scores.shape[:-2], num_kv_heads, scores.shape[-1])
+    if layout == "query":
+        flat = scores.reshape(-1, heads, scores.shape[-1])
+        return reduce_to_kv_heads(flat, num_kv_heads, "mean").reshape(*scores.shape[:-2], num_kv_heads, -1)
+    raise ValueError(f"layout must be 'query', 'kv' or 'shared' (resolve 'view' with Scorer.head_layout_for), "
+                     f"got {layout!r}")
+
+
 def reduce_to_kv_heads(scores: torch.Tensor, num_kv_heads: int, mode: str = "mean") -> torch.Tensor:
     """``(B, H_q, K)`` → ``(B, H_kv, K)`` by averaging (or taking the max over) each GQA group of query heads.
 

@@ -46,7 +46,7 @@ def test_shared_path_equals_one_prefill_per_compression(tiny, head_mode):
                 generator = torch.Generator().manual_seed(view_seed(7, mode, name))
                 alone = compress_prefill(model, ctx, scorer, budget, question_ids=question if aware else None,
                                          query_aware=aware, generator=generator, **settings)
-                shared = compress_shared(prefill, prefill.scores[mode, name], budget, prefix_len=end, **settings)
+                shared = compress_shared(prefill, (mode, name), budget, prefix_len=end, **settings)
                 assert torch.equal(shared.kept_positions, alone.kept_positions), (mode, name, budget)
                 assert shared.cache_lengths == alone.cache_lengths == [alone.budget_tokens + end - 24] * 2
                 items.append((shared, feed))
@@ -113,7 +113,7 @@ def test_full_budget_reproduces_the_uncompressed_model_on_the_shared_path(tiny):
     with torch.inference_mode():
         reference = model(ids).logits[0, -16:].float()
     torch.testing.assert_close(prefill.logits, reference, atol=1e-5, rtol=1e-5)
-    full = compress_shared(prefill, prefill.scores["agnostic", "random"], 1.0)
+    full = compress_shared(prefill, ("agnostic", "random"), 1.0)
     assert full.cache_lengths == [24, 24] and full.kept_positions[0, 0].tolist() == list(range(24))
     (logits,) = feed_batched(model, [(full, torch.cat([question, rest], dim=1))])
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
@@ -123,7 +123,7 @@ def test_compressing_leaves_the_shared_prefill_untouched(tiny):
     model, ctx, question, rest, scorers = tiny
     prefill = shared_prefill(model, torch.cat([ctx, question], dim=1), 24, [ScoringView("agnostic", 24, scorers)])
     before = [layer.keys.clone() for layer in prefill.cache.layers]
-    compressed = compress_shared(prefill, prefill.scores["agnostic", "tova"], 6, n_sink=1)
+    compressed = compress_shared(prefill, ("agnostic", "tova"), 6, n_sink=1)
     feed_batched(model, [(compressed, question)])
     continuation_logits(model, compressed, question)
     assert compressed.cache.get_seq_length() == 6
@@ -144,7 +144,7 @@ def test_feed_batched_groups_rows_by_cache_length_and_asserts_it(tiny, monkeypat
 
     model, ctx, question, _, scorers = tiny
     prefill = shared_prefill(model, torch.cat([ctx, question], dim=1), 24, [ScoringView("agnostic", 24, scorers)])
-    rows = [(compress_shared(prefill, prefill.scores["agnostic", name], b), question)
+    rows = [(compress_shared(prefill, ("agnostic", name), b), question)
             for name in ("tova", "recency") for b in (5, 9, 5)]
     alone = [continuation_logits(model, c, q)[0] for c, q in rows]
     for got, want in zip(feed_batched(model, rows, batch_size=2), alone):  # groups of 4 and 2 rows, in pieces
@@ -162,6 +162,20 @@ def test_feed_batched_groups_rows_by_cache_length_and_asserts_it(tiny, monkeypat
         feed_batched(model, rows)
 
 
+def test_the_prefill_records_each_scorers_head_layout(tiny):
+    """GQA model (6 query heads, 3 KV heads): each entry's rows are what its layout says, so compression reduces them
+    by the layout."""
+    model, ctx, question, _, scorers = tiny
+    prefill = shared_prefill(model, torch.cat([ctx, question], dim=1), 24, [ScoringView("a", 24, scorers)],
+                             generator=0)
+    rows = {"query": 6, "kv": 3, "shared": 1}
+    for (_, label), scores in prefill.scores.items():
+        layout = prefill.layouts["a", label]
+        assert scores.shape[1] == rows[layout], (label, layout)
+    assert prefill.layouts["a", "tova"] == "query" and prefill.layouts["a", "key_norm"] == "kv"
+    assert prefill.layouts["a", "random"] == "kv"  # a "view" rule in a view that carries keys only
+
+
 def test_scoring_views_and_feeds_refuse_bad_input(tiny):
     model, ctx, question, _, scorers = tiny
     ids = torch.cat([ctx, question], dim=1)
@@ -176,10 +190,10 @@ def test_scoring_views_and_feeds_refuse_bad_input(tiny):
                        attention="fused")
     prefill = shared_prefill(model, ids, 24, [ScoringView("a", 24, scorers)])
     with pytest.raises(ValueError, match=r"prefix_len must lie in \[24, 30\]"):
-        compress_shared(prefill, prefill.scores["a", "tova"], 6, prefix_len=31)
-    with pytest.raises(ValueError, match=r"scores must be \(layers=2, heads, C=24\)"):
-        compress_shared(prefill, prefill.scores["a", "tova"][:, :, :10], 6)
-    compressed = compress_shared(prefill, prefill.scores["a", "tova"], 6)
+        compress_shared(prefill, ("a", "tova"), 6, prefix_len=31)
+    with pytest.raises(ValueError, match=r"no scores for \('a', 'h2o'\) in this prefill"):
+        compress_shared(prefill, ("a", "h2o"), 6)
+    compressed = compress_shared(prefill, ("a", "tova"), 6)
     with pytest.raises(ValueError, match=r"logits_rows must lie in \[1, 6\]"):
         feed_batched(model, [(compressed, question)], logits_rows=7)
 
@@ -226,7 +240,7 @@ def test_the_continuation_oracle_reads_the_continuation_rows(tiny):
                                                           first_query=24)], rows_from=24)
     paid = torch.stack([rows[0, :, :, :24].sum(dim=1) for rows in prefill.rows_attention])  # (layers, H, 24)
     torch.testing.assert_close(prefill.scores["future", "oracle"], paid)
-    kept = compress_shared(prefill, prefill.scores["future", "oracle"], 6, head_mode="shared").kept_positions
+    kept = compress_shared(prefill, ("future", "oracle"), 6, head_mode="shared").kept_positions
     assert set(kept[0, 0].tolist()) == set(paid[0].mean(0).topk(6).indices.tolist())
 
 

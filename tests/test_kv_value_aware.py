@@ -58,9 +58,9 @@ def test_selection_averages_gqa_groups_and_keeps_protected_tokens():
     scores[0, 0, 3] = scores[0, 1, 3] = 1.0
     scores[0, 2, 2] = 2.4  # all four heads together favour key 2
     protect = context_protection(6, n_sink=1, recent_window=1)
-    kept, _ = select_kept(scores, 3, protect, num_kv_heads=2)
+    kept, _ = select_kept(scores, 3, protect, num_kv_heads=2, layout="query")
     assert kept[0].tolist() == [[0, 3, 5], [0, 2, 5]]
-    shared, ranked = select_kept(scores, 3, protect, num_kv_heads=2, head_mode="shared")
+    shared, ranked = select_kept(scores, 3, protect, num_kv_heads=2, head_mode="shared", layout="query")
     assert shared[0].tolist() == [[0, 2, 5], [0, 2, 5]] and ranked.shape == (1, 1, 6)
 
 

@@ -15,6 +15,7 @@ import torch
 
 from salience.scorers import AttentionView, available_scorers, get_scorer
 from salience.scorers.base import Scorer, register
+from salience.selection import to_kv_heads
 
 B, H, D = 2, 2, 4
 
@@ -126,6 +127,24 @@ def test_every_scorer_returns_its_declared_head_layout_on_a_gqa_view(name):
     scorer = get_scorer(name)
     expected = {"query": 2 * H, "kv": H, "shared": 1, "view": 2 * H}[scorer.head_layout]
     assert scorer(gqa_view()).shape[1] == expected
+
+
+@pytest.mark.parametrize("name", [n for n in available_scorers() if n not in VISION_ERRORS])
+def test_every_scorer_reduces_to_kv_heads_by_its_concrete_layout(name):
+    scorer, view = get_scorer(name), gqa_view()
+    layout = scorer.head_layout_for(view)
+    assert layout in ("query", "kv", "shared")
+    assert to_kv_heads(scorer(view), layout, H).shape == (B, H, view.num_keys)
+
+
+def test_a_view_layout_is_resolved_by_what_the_view_carries():
+    recency, keys = get_scorer("recency"), torch.randn(B, H, 9, 4)
+    positions = torch.arange(9)
+    assert recency.head_layout_for(gqa_view()) == "query"
+    assert recency.head_layout_for(AttentionView(key_positions=positions, keys=keys)) == "kv"
+    hidden_only = AttentionView(key_positions=positions, hidden=torch.randn(B, 9, 4))
+    assert recency.head_layout_for(hidden_only) == "shared"
+    assert get_scorer("key_norm").head_layout_for(gqa_view()) == "kv"
 
 
 def test_a_scorer_that_breaks_its_head_layout_is_stopped():

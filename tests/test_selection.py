@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from salience.selection import protected_mask, reduce_to_kv_heads, resolve_budget, select_topk
+from salience.selection import protected_mask, reduce_to_kv_heads, resolve_budget, select_topk, to_kv_heads
 
 
 def test_topk_keeps_highest_in_order():
@@ -73,6 +73,25 @@ def test_gqa_reduction():
     torch.testing.assert_close(shared[0, 0], shared[0, 1])
     with pytest.raises(ValueError, match="multiple"):
         reduce_to_kv_heads(s, 4)
+
+
+def test_to_kv_heads_follows_the_declared_layout_not_the_count():
+    s = torch.arange(24.0).view(2, 6, 2)  # (layers, 6 query heads, K); 2 KV heads → groups of 3
+    torch.testing.assert_close(to_kv_heads(s, "query", 2), reduce_to_kv_heads(s, 2))
+    kv = s[:, :2]
+    assert to_kv_heads(kv, "kv", 2) is kv
+    shared = to_kv_heads(s[:, :1], "shared", 2)
+    assert shared.shape == (2, 2, 2) and torch.equal(shared[:, 1], s[:, 0])
+    # one query head per KV head: the group mean is the row itself, bit for bit
+    assert torch.equal(to_kv_heads(kv, "query", 2), kv)
+    with pytest.raises(ValueError, match="KV-head scores need 2 head rows, got 6"):
+        to_kv_heads(s, "kv", 2)
+    with pytest.raises(ValueError, match="shared scores need one head row, got 2"):
+        to_kv_heads(kv, "shared", 2)
+    with pytest.raises(ValueError, match="multiple"):
+        to_kv_heads(s, "query", 4)
+    with pytest.raises(ValueError, match="resolve 'view'"):
+        to_kv_heads(s, "view", 2)
 
 
 def _topk_then_sort(scores, budget, protected=None):

@@ -155,10 +155,12 @@ def prefill_errors(prefill: SharedPrefill, params: Params) -> list[dict]:
     protect = context_protection(c, n_sink=params.n_sink, recent_window=params.recent_window,
                                  device=values[0].device)
     sets, masks = [], []
-    for (_, label), scores in prefill.scores.items():
+    for key, scores in prefill.scores.items():
+        label = key[1]
         for budget in params.budgets:
             tokens = resolve_budget(budget, c)
-            kept, _ = select_kept(scores, tokens, protect, num_kv_heads, params.head_mode)  # (layers, H_kv, b)
+            kept, _ = select_kept(scores, tokens, protect, num_kv_heads, params.head_mode,
+                                  layout=prefill.layouts[key])  # (layers, H_kv, b)
             mask = torch.zeros(*kept.shape[:2], c, dtype=torch.bool, device=kept.device)
             sets.append((label, budget, tokens))
             masks.append(mask.scatter_(-1, kept, True))

@@ -109,8 +109,10 @@ class SharedPrefill:
         context_len: ``C``, the candidate keys are positions ``[0, C)``.
         cache: the uncompressed ``DynamicCache`` of all ``T`` tokens; read it, never change it
             (:func:`~salience.harness.kv_prefill_compression.compress_shared` copies what it keeps).
-        scores: ``{(view, label): (layers, H, C) float32}`` each scorer's scores of the context keys in each view
-            (``H`` the heads the scorer returns: query heads or KV heads).
+        scores: ``{(view, label): (layers, H, C) float32}`` each scorer's scores of the context keys in each view,
+            with the head rows the scorer returns; layouts: ``{(view, label): "query" | "kv" | "shared"}`` what those
+            rows stand for (:meth:`Scorer.head_layout_for`), so a consumer reduces them to KV heads
+            (:func:`salience.selection.to_kv_heads`) without guessing from the count.
         logits: ``(R, vocab)`` float32 logits of the last ``R`` rows (``logits_from = T − R`` is the first), computed
             with the full cache: the uncompressed model's predictions.
         rows_attention: per layer, ``(1, H, T − rows_from, T)`` attention of the rows from ``rows_from`` on (when
@@ -125,6 +127,7 @@ class SharedPrefill:
     logits: torch.Tensor
     logits_from: int
     views: dict[str, ScoringView]
+    layouts: dict[tuple[str, str], str] = field(default_factory=dict)
     config: object = None
     rows_attention: list[torch.Tensor] | None = None
     rows_from: int | None = None
@@ -225,6 +228,7 @@ def shared_prefill(
     per_layer: dict[tuple[str, str], list[torch.Tensor | None]] = {
         (v.name, label): [None] * model.config.num_hidden_layers for v in views for label in v.scorers}
     kept_rows: list[torch.Tensor | None] = [None] * model.config.num_hidden_layers
+    layouts: dict[tuple[str, str], str] = {}
 
     def score(layer: int, probs: torch.Tensor | None, mass: torch.Tensor | None, key: torch.Tensor,
               value: torch.Tensor) -> None:
@@ -243,6 +247,7 @@ def shared_prefill(
                     key_mass=mass if reads_attention else None, roles=view_roles,
                     generator=generators[v.name, label])
                 per_layer[v.name, label][layer] = scorer(view)[0, :, :context_len].float()
+                layouts[v.name, label] = scorer.head_layout_for(view)
 
     needs_attention = any(not s.attention_free for s in all_scorers) or rows_from is not None
     if not needs_attention:
@@ -271,4 +276,5 @@ def shared_prefill(
         ids=ids, context_len=context_len, cache=cache,
         scores={key: torch.stack(layers) for key, layers in per_layer.items()},
         logits=out.logits[0].float(), logits_from=total - logits_rows, views={v.name: v for v in views},
-        config=model.config, rows_attention=kept_rows if rows_from is not None else None, rows_from=rows_from)
+        layouts=layouts, config=model.config, rows_attention=kept_rows if rows_from is not None else None,
+        rows_from=rows_from)

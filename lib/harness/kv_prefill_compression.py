@@ -40,7 +40,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..scorers.base import Scorer, get_scorer
-from ..selection import protected_mask, reduce_to_kv_heads, select_topk
+from ..selection import protected_mask, select_topk, to_kv_heads
 from ..validation import check_ids, check_protected_fits, check_scorer_window, checked_budget
 from .attention_capture import check_attention_path
 from .kv_prefill import SharedPrefill, ScoringView, shared_prefill
@@ -109,17 +109,12 @@ def as_scorer(scorer: Scorer | str) -> Scorer:
     raise ValueError(f"scorer must be a Scorer or a registered scorer name, got {scorer!r}")
 
 
-def _kv_head_scores(scores: torch.Tensor, num_kv_heads: int, head_mode: str) -> torch.Tensor:
-    """``(..., H, K)`` scores → ``(..., H_kv, K)`` (per KV head) or ``(..., 1, K)`` (shared)."""
+def _ranking_heads(scores: torch.Tensor, layout: str, num_kv_heads: int, head_mode: str) -> torch.Tensor:
+    """``(..., H, K)`` scores in ``layout`` → ``(..., H_kv, K)`` (per KV head) or ``(..., 1, K)`` (shared: the mean
+    over all the scorer's head rows)."""
     if head_mode == "shared":
         return scores.mean(dim=-2, keepdim=True)
-    heads = scores.shape[-2]
-    if heads == num_kv_heads:
-        return scores
-    if heads == 1:
-        return scores.expand(*scores.shape[:-2], num_kv_heads, -1)
-    flat = scores.reshape(-1, heads, scores.shape[-1])
-    return reduce_to_kv_heads(flat, num_kv_heads, "mean").reshape(*scores.shape[:-2], num_kv_heads, -1)
+    return to_kv_heads(scores, layout, num_kv_heads)
 
 
 def context_protection(context_len: int, *, n_sink: int = 0, recent_window: int = 0,
@@ -134,17 +129,19 @@ def context_protection(context_len: int, *, n_sink: int = 0, recent_window: int 
 
 
 def select_kept(scores: torch.Tensor, budget_tokens: int, protect: torch.Tensor, num_kv_heads: int,
-                head_mode: str = "per_kv_head") -> tuple[torch.Tensor, torch.Tensor]:
+                head_mode: str = "per_kv_head", *, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept context positions of every layer, as the harness keeps them.
 
-    ``scores`` ``(layers, H, C)`` (query or KV heads) are reduced to each KV head (GQA group mean) or, shared, to
-    one set; ``protect`` ``(C,)`` is kept first, the rest by score. Returns ``(kept (layers, H_kv, budget) ascending,
-    ranked (layers, H_kv or 1, C))``.
+    ``scores`` ``(layers, H, C)`` in the scorer's concrete head ``layout`` (``"query"``, ``"kv"`` or ``"shared"``:
+    ``SharedPrefill.layouts``, or :meth:`Scorer.head_layout_for`) become one row per KV head
+    (:func:`salience.selection.to_kv_heads`: GQA group mean for query heads) or, shared, one set; ``protect``
+    ``(C,)`` is kept first, the rest by score. Returns ``(kept (layers, H_kv, budget) ascending, ranked (layers,
+    H_kv or 1, C))``.
     """
     if head_mode not in HEAD_MODES:
         raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
     check_protected_fits(protect, budget_tokens)
-    ranked = _kv_head_scores(scores.float(), num_kv_heads, head_mode)
+    ranked = _ranking_heads(scores.float(), layout, num_kv_heads, head_mode)
     kept = select_topk(ranked, budget_tokens, protect.to(ranked.device))
     return kept.expand(-1, num_kv_heads, -1), ranked
 
@@ -161,7 +158,7 @@ def _gather_context(states: torch.Tensor, index: torch.Tensor, context_len: int)
 @torch.inference_mode()
 def compress_shared(
     prefill: SharedPrefill,
-    scores: torch.Tensor,
+    scored: tuple[str, str],
     budget: float | int,
     *,
     prefix_len: int | None = None,
@@ -175,7 +172,8 @@ def compress_shared(
     entries ``[C, prefix_len)`` whole (a query-aware question), nothing after.
 
     Args:
-        scores: ``(layers, H, C)`` scores of the context keys, e.g. ``prefill.scores[view, label]``.
+        scored: ``(view, label)``, the key of the scores to rank by in ``prefill.scores`` (``(layers, H, C)``
+            scores of the context keys, whose head rows ``prefill.layouts`` names).
         budget: the kept share of the context, a float ratio in (0, 1], or a token count in [1, C].
         prefix_len: the prompt the cache stands for: ``C`` (query-agnostic, default) or ``C + len(question)``.
         n_sink / recent_window: first / last context positions always kept (counting against the budget);
@@ -187,6 +185,9 @@ def compress_shared(
     prefix_len = context_len if prefix_len is None else prefix_len
     if not context_len <= prefix_len <= prefill.total:
         raise ValueError(f"prefix_len must lie in [{context_len}, {prefill.total}], got {prefix_len}")
+    if scored not in prefill.scores:
+        raise ValueError(f"no scores for {scored!r} in this prefill; scored: {sorted(prefill.scores)}")
+    scores, layout = prefill.scores[scored], prefill.layouts[scored]
     layers = prefill.num_layers
     if scores.dim() != 3 or scores.shape[0] != layers or scores.shape[-1] != context_len:
         raise ValueError(f"scores must be (layers={layers}, heads, C={context_len}), got {tuple(scores.shape)}")
@@ -196,7 +197,7 @@ def compress_shared(
     device = source[0].keys.device
     keep = context_protection(context_len, n_sink=n_sink, recent_window=recent_window, protect=protect,
                               device=device)
-    kept, ranked = select_kept(scores.to(device), budget_tokens, keep, num_kv_heads, head_mode)
+    kept, ranked = select_kept(scores.to(device), budget_tokens, keep, num_kv_heads, head_mode, layout=layout)
     cache = DynamicCache(config=prefill.config)
     for i, layer in enumerate(source):
         cache.update(_gather_context(layer.keys[:, :, :prefix_len], kept[i], context_len),
@@ -289,7 +290,7 @@ def compress_prefill(
     check_protected_fits(keep, budget_tokens)  # before the forward pass; compress_shared checks it again
     prefill = shared_prefill(model, prompt_ids, context_len, [ScoringView("prompt", total, {"scorer": scorer})],
                              attention=attention, generator=generator, roles=roles, tokenizer=tokenizer)
-    return compress_shared(prefill, prefill.scores["prompt", "scorer"], budget_tokens, prefix_len=total,
+    return compress_shared(prefill, ("prompt", "scorer"), budget_tokens, prefix_len=total,
                            head_mode=head_mode, n_sink=n_sink, recent_window=recent_window, protect=protect,
                            scorer_name=scorer.name)
 

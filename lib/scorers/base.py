@@ -123,6 +123,21 @@ def expected_heads(layout: str, view: AttentionView) -> int | None:
     return None if source is None else int(source.shape[1])
 
 
+def resolved_head_layout(layout: str, view: AttentionView) -> str:
+    """``layout`` made concrete for ``view``: ``"view"`` becomes ``"query"`` when the view carries attention or key
+    mass (its rows follow their heads), ``"kv"`` when it carries keys or values, ``"shared"`` otherwise (hidden states,
+    an attribution target: one row); the other layouts stay as they are."""
+    if layout not in HEAD_LAYOUTS:
+        raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {layout!r}")
+    if layout != "view":
+        return layout
+    if view.attention is not None or view.key_mass is not None:
+        return "query"
+    if view.keys is not None or view.values is not None:
+        return "kv"
+    return "shared"
+
+
 _REGISTRY: dict[str, type["Scorer"]] = {}
 
 
@@ -143,13 +158,19 @@ class Scorer:
     #: ``"query"``: one row per query head (the attention's or key mass's head count; attention rules);
     #: ``"kv"``: one per KV head (the keys' or values' head count); ``"shared"``: one row for all heads (H = 1);
     #: ``"view"``: as many rows as :meth:`AttentionView.batch_heads` finds (rules that read no head-specific
-    #: capture: positions, roles, random draws). A consumer reduces any of them to KV heads or to one ranking with
-    #: :func:`salience.selection.reduce_to_kv_heads` / a mean over the head axis.
+    #: capture: positions, roles, random draws). :meth:`head_layout_for` makes ``"view"`` concrete for a view, and a
+    #: consumer reduces the rows to one per KV head with :func:`salience.selection.to_kv_heads` (by the layout, never
+    #: by the count) or to one ranking with a mean over the head axis.
     head_layout: ClassVar[str] = "query"
     #: Which query rows of ``attention`` the rule reads: ``"all"``, or ``"cls"`` (the [CLS] row only). A harness may
     #: then hand it ``attention`` of shape ``(B, H, 1, K)`` with ``query_positions`` naming that row, computed by the
     #: fused scored-attention kernel instead of the full matrix (the ViT pruning harness does).
     attention_rows: ClassVar[str] = "all"
+
+    def head_layout_for(self, view: AttentionView) -> str:
+        """The concrete layout (``"query"``, ``"kv"`` or ``"shared"``) of this scorer's rows for ``view``: what a
+        consumer hands :func:`salience.selection.to_kv_heads` to get one row per KV head."""
+        return resolved_head_layout(self.head_layout, view)
 
     @property
     def attention_free(self) -> bool:
