@@ -23,6 +23,7 @@ from scipy.stats import rankdata, spearmanr
 from . import faithfulness
 from .explanation_tasks import CachedPredictor
 from .scorers.attribution_target import AttributionTarget, attribution_target
+from .validation import check_choice
 
 #: how per-layer, per-head scores become one score per token: the mean over layers and heads of each token's rank
 #: share (scale-free: a layer with large raw scores does not outvote the others), or of the raw scores
@@ -33,8 +34,7 @@ def token_attribution(scores: torch.Tensor, how: str = "rank_mean") -> torch.Ten
     """``(layers, H, C)`` (or ``(H, C)``, ``(C,)``) scores → ``(C,)`` one score per context token (higher: more
     important). ``rank_mean``: each layer-head's scores become average ranks scaled to [0, 1] (ties share a rank),
     then averaged; ``score_mean``: the raw scores averaged."""
-    if how not in AGGREGATES:
-        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {how!r}")
+    check_choice(how, AGGREGATES, "aggregate")
     scores = torch.as_tensor(scores).detach().float().cpu()
     if scores.dim() == 0 or scores.shape[-1] < 1:
         raise ValueError(f"scores must end in a token axis, got shape {tuple(scores.shape)}")

@@ -33,6 +33,7 @@ from scipy import stats
 
 from .metrics import Metric, area_under_curve
 from .scorers.attribution_target import AttributionTarget, check_token_id
+from .validation import check_choice
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -63,8 +64,7 @@ class Replacement:
     token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in REPLACEMENT_MODES:
-            raise ValueError(f"replacement mode must be one of {REPLACEMENT_MODES}, got {self.mode!r}")
+        check_choice(self.mode, REPLACEMENT_MODES, "replacement mode")
         if (self.mode == "mask") != (self.token_id is not None):
             raise ValueError("mode 'mask' needs a baseline token_id and 'remove' takes none")
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from .scorers import get_scorer
 from .scorers.base import AttentionView
+from .validation import check_keep
 
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 #: text vocabulary: [ASK], the row word, the column word
@@ -138,12 +139,6 @@ class PrunedAnswer:
     tokens_per_block: list[int]
 
 
-def check_keep(keep: float) -> float:
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"kept share must lie in (0, 1], got {keep}")
-    return float(keep)
-
-
 def rule_scores(rule: str, probs: torch.Tensor, question: torch.Tensor, cls_scores: torch.Tensor,
                 quadrants: torch.Tensor, grid: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """``(B, P)`` scores of one rule (higher kept first) from the pruning block's attention ``probs (B, H, N, N)``."""
@@ -180,7 +175,7 @@ def pruned_answer(reader: QuestionReader, features: torch.Tensor, question: torc
                   rule: str, keep: float, layer: int, grid: tuple[int, int], seed: int = 0) -> PrunedAnswer:
     """Run the reader, drop visual tokens after block ``layer`` (0: before the first block) keeping
     ``round(keep · P)`` (at least 1) chosen by ``rule``, and finish the pass on what is kept."""
-    check_keep(keep)
+    check_keep(float(keep))
     if not 0 <= layer < len(reader.blocks):
         raise ValueError(f"layer must be in 0..{len(reader.blocks) - 1} (prune before a later block), got {layer}")
     b, p, _ = features.shape

@@ -42,7 +42,7 @@ from .harness.kv_prefill import ScoringView, shared_prefill
 from .harness.kv_prefill_compression import compress_shared, context_protection
 from .kv_tasks import BASELINE, ORACLE, budget_list, check_settings, measured_cache_len, oracle_scorer, scorer_items
 from .seeding import unit_seed
-from .selection import resolve_budget
+from .validation import checked_budget
 
 if TYPE_CHECKING:  # the data package pulls in `datasets`; only the type is needed here
     from .data.needle import NeedlePrompt
@@ -230,6 +230,7 @@ def _passkey_unit(model, tokenizer, x: NeedleInputs, k, items, budgets, modes, o
     prefill = shared_prefill(model, ids, c_len, views, logits_rows=m, generator=unit_seed(seed, k),
                              tokenizer=tokenizer)
     needle = _needle_mask(c_len, x.needle_span, device)
+    tokens = {b: checked_budget(b, c_len, n_sink=n_sink, recent_window=recent_window) for b in budgets}
     jobs = []
     for mode in modes:
         feed = taught if mode == "query-aware" else torch.cat([question, taught], dim=1)
@@ -238,17 +239,17 @@ def _passkey_unit(model, tokenizer, x: NeedleInputs, k, items, budgets, modes, o
             for budget in budgets:
                 protect = context_protection(c_len, n_sink=n_sink, recent_window=recent_window, protect=needle,
                                              device=device)
-                fits = int(protect.sum()) <= resolve_budget(budget, c_len)
-                c = (compress_shared(prefill, ("future", ORACLE), budget, protect=needle,
+                fits = int(protect.sum()) <= tokens[budget]
+                c = (compress_shared(prefill, ("future", ORACLE), tokens[budget], protect=needle,
                                      scorer_name=ORACLE, **settings) if fits else None)
                 jobs.append((mode, ORACLE, budget, c, feed))
         for label, _ in items:
             for budget in budgets:
-                c = compress_shared(prefill, (mode, label), budget, scorer_name=label, **settings)
+                c = compress_shared(prefill, (mode, label), tokens[budget], scorer_name=label, **settings)
                 jobs.append((mode, label, budget, c, feed))
     base = {"prompt": k, "depth": round(float(x.depth), 3), "context_len": c_len, "question_len": q_len,
             "needle_start": x.needle_span[0], "needle_stop": x.needle_span[1], "answer": x.answer}
-    return {"base": base, "modes": modes, "prefix_len": prefix_len, "answer": answer[0], "m": m,
+    return {"base": base, "modes": modes, "prefix_len": prefix_len, "tokens": tokens, "answer": answer[0], "m": m,
             "ref_logp": torch.log_softmax(prefill.logits, dim=-1), "jobs": jobs}
 
 
@@ -264,7 +265,7 @@ def _passkey_rows(unit: dict, logits) -> list[dict]:
         for job_mode, label, budget, c, _ in unit["jobs"]:
             if job_mode != mode:
                 continue
-            tokens = resolve_budget(budget, c_len)
+            tokens = unit["tokens"][budget]
             row = {**base, "mode": mode, "scorer": label, "budget": budget, "budget_tokens": tokens,
                    "budget_ratio": tokens / c_len}
             if c is None:

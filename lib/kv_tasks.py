@@ -45,7 +45,7 @@ from .metrics import area_under_curve
 from .scorers.accumulated_attention import AccumulatedAttention
 from .scorers.base import Scorer
 from .seeding import unit_seed
-from .validation import check_ids, check_scorer_window, checked_budget, plain_number
+from .validation import check_choice, check_ids, check_scorer_window, checked_budget, plain_number
 
 BASELINE = "uncompressed"
 ORACLE = "oracle"
@@ -80,8 +80,7 @@ def budget_list(budgets) -> list[float | int]:
 
 def check_settings(items, budgets, lengths, head_mode, n_sink, recent_window, attention) -> None:
     """Every bad argument fails before the first forward pass. ``lengths``: ``(context_len, prefill_len)`` pairs."""
-    if head_mode not in HEAD_MODES:
-        raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
+    check_choice(head_mode, HEAD_MODES, "head_mode")
     check_attention_path(attention, [s for _, s in items])
     for context_len, prefill_len in lengths:
         for _, scorer in items:

@@ -1,4 +1,5 @@
-"""The checks every harness and task runs at its boundary, in one place: token ids, budgets, protection, windows.
+"""The checks every harness and task runs at its boundary, in one place: choices, token ids, budgets, protection,
+windows, and the vision harness's kept shares, pruning layers and pixel tensors.
 
 A budget is resolved and checked once, where it enters (:func:`checked_budget`): a ratio in (0, 1] or a token count,
 NumPy scalars accepted, and the protected tokens (sinks + recent window) must fit it. Every check raises
@@ -8,11 +9,20 @@ NumPy scalars accepted, and the protected tokens (sinks + recent window) must fi
 from __future__ import annotations
 
 import numbers
+from typing import TYPE_CHECKING
 
 import torch
 
-from .scorers.base import Scorer
 from .selection import resolve_budget
+
+if TYPE_CHECKING:  # the scorers import this module for check_choice
+    from .scorers.base import Scorer
+
+
+def check_choice(value, allowed, what: str) -> None:
+    """``value`` is one of ``allowed``; ValueError naming ``what`` and the choices otherwise."""
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {tuple(allowed)}, got {value!r}")
 
 
 def plain_number(budget):
@@ -69,5 +79,34 @@ def checked_budget(budget, context_len: int, *, n_sink: int = 0, recent_window: 
     return tokens
 
 
-__all__ = ["check_ids", "check_protected_fits", "check_protection", "check_scorer_window", "checked_budget",
-           "plain_number"]
+def check_keep(keep: float | int, n_patches: int | None = None) -> None:
+    """A kept share must be a ratio in (0, 1] (or, with ``n_patches``, a patch count in [1, n_patches])."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise ValueError(f"keep must be a ratio in (0, 1] or a patch count, got {keep!r}")
+    if isinstance(keep, float):
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep ratio must lie in (0, 1], got {keep}")
+    elif keep < 1 or (n_patches is not None and keep > n_patches):
+        raise ValueError(f"keep as a patch count must lie in [1, {n_patches or 'number of patches'}] (a ratio in "
+                         f"(0, 1] otherwise), got {keep}")
+
+
+def check_layer(layer: int, depth: int) -> None:
+    """Reduction happens after block ``layer``; at least one block must run on the reduced tokens."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= depth - 1:
+        raise ValueError(f"pruning layer must be an integer in [1, {depth - 1}] for this {depth}-layer model "
+                         f"(reduce after block l, blocks l+1..{depth} run on the kept tokens), got {layer!r}")
+
+
+def check_pixels(pixel_values, patch: int) -> None:
+    """``pixel_values`` is a ``(B, C, H, W)`` tensor whose height and width are multiples of the patch size."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+        got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+        raise ValueError(f"pixel_values must be a (B, C, H, W) tensor, got {got}")
+    h, w = pixel_values.shape[-2:]
+    if h % patch or w % patch:
+        raise ValueError(f"image size {h}x{w} must be a multiple of the patch size {patch}")
+
+
+__all__ = ["check_choice", "check_ids", "check_keep", "check_layer", "check_pixels", "check_protected_fits",
+           "check_protection", "check_scorer_window", "checked_budget", "plain_number"]

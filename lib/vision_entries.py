@@ -22,12 +22,13 @@ import torch
 
 from . import activation_cache as ac
 from . import scorers, vision_tasks
-from .data import loading as data_loading
 from .data import images as image_data
+from .data import loading as data_loading
 from .harness import token_merging, vit_attention, vit_encoder, vit_model, vit_pruning, vit_views
-from .harness.vit_model import check_method
+from .harness.token_merging import METHODS
 from .harness.vit_views import build_view
 from .scorers.base import Scorer
+from .validation import check_choice
 from .vision_readers import KeptTokens
 
 #: the modules whose source keys every cached array (a change to any of them invalidates them)
@@ -48,7 +49,7 @@ class Entry:
     scorer: Scorer | None = None
 
     def __post_init__(self) -> None:
-        check_method(self.method)
+        check_choice(self.method, METHODS, "method")
         if self.method != "tome" and self.scorer is None:
             raise ValueError(f"entry {self.label!r}: method {self.method!r} needs a scorer")
 

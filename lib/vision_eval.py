@@ -37,10 +37,11 @@ from . import activation_cache as ac
 from . import vision_readers, vision_tasks
 from .harness.token_merging import CONTEXTUAL, merge_by_destination, reduction_map
 from .harness.vit_encoder import ScoreRequest, encode, prefix_from
-from .harness.vit_model import check_keep, check_layer, estimate_flops, vit_parts
+from .harness.vit_model import estimate_flops, vit_parts
 from .harness.vit_pruning import reduce_and_finish, replicate_seed
 from .models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 from .selection import resolve_budget
+from .validation import check_keep, check_layer
 from .vision_entries import (
     EncodedSet,
     Entry,

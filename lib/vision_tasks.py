@@ -21,11 +21,12 @@ import torch
 
 from .harness.token_merging import CONTEXTUAL, reduction_map
 from .harness.vit_encoder import ScoreRequest, encode
-from .harness.vit_model import check_keep, check_layer, check_method, vit_parts
+from .harness.vit_model import vit_parts
 from .harness.vit_pruning import METHODS, reduce_and_finish, replicate_seed, vit_forward, vit_prefix
 from .models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 from .scorers.base import Scorer
 from .selection import resolve_budget
+from .validation import check_choice, check_keep, check_layer
 
 DATASETS = ("mnist", "digits")
 #: Largest pixel value of each data set's uint8 images (sklearn's digits are counts 0..16).
@@ -104,8 +105,7 @@ def digit_pixels(dataset: str = "mnist", split: str = "train", n: int | None = N
     """MNIST (28x28) or sklearn digits (8x8) as model inputs: ``(pixels (N, 3, size, size), labels (N,))``."""
     from .data import mnist_digits, sklearn_digits
 
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    check_choice(dataset, DATASETS, "dataset")
     check_size(size)
     loader = mnist_digits if dataset == "mnist" else sklearn_digits
     images, labels = loader(n=n, seed=seed, split=split)
@@ -133,7 +133,7 @@ class Reduction:
     replicate: int = 0
 
     def __post_init__(self) -> None:
-        check_method(self.method)
+        check_choice(self.method, METHODS, "method")
         check_keep(self.keep)
         if self.method != "tome" and self.scorer is None:
             raise ValueError(f"method {self.method!r} needs a scorer (tome needs none)")

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from salience.experiments import guided_visual_pruning as exp
-from salience.guided_reader import (RULES, TEXT_TOKENS, QuestionReader, check_keep, digit_grids, load_reader,
+from salience.guided_reader import (RULES, TEXT_TOKENS, QuestionReader, digit_grids, load_reader,
                                     pruned_answer, quadrant_of_patches, question_tokens, rule_scores, save_reader,
                                     train_reader)
 from salience.params import ParamsError
+from salience.validation import check_keep
 
 
 def test_grids_place_each_digit_in_its_quadrant():
@@ -38,7 +39,7 @@ def test_questions_and_quadrants():
 
 @pytest.mark.parametrize("keep", [0.0, -0.5, 1.5])
 def test_kept_share_outside_unit_interval_is_an_error(keep):
-    with pytest.raises(ValueError, match=r"kept share must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"keep ratio must lie in \(0, 1\]"):
         check_keep(keep)
 
 

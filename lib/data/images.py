@@ -7,6 +7,7 @@ import functools
 
 import numpy as np
 
+from ..validation import check_choice
 from .loading import subset_indices
 
 # The train/test partition is fixed (its own seed), so "train" and "test" never overlap whatever `seed` a caller
@@ -28,8 +29,7 @@ def train_test_split(*arrays, test_size: float = TEST_FRACTION, seed: int = 0, s
 
 
 def _select(images: np.ndarray, labels: np.ndarray, n, seed: int, split, what: str):
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_choice(split, SPLITS, "split")
     idx = np.arange(len(labels))
     if split is not None:
         train_idx, test_idx = train_test_split(idx, seed=SPLIT_SEED, stratify=labels)

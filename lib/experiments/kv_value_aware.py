@@ -34,7 +34,7 @@ from ..harness.kv_prefill import SharedPrefill
 from ..harness.kv_prefill_compression import context_protection, select_kept
 from ..kv_tasks import BASELINE, ORACLE, continuation_runs, wikipedia_continuations
 from ..scorers.spec import ScorerList, build_scorers
-from ..selection import resolve_budget
+from ..validation import checked_budget
 from .kv_params import BudgetRatios, KVParams, check_protection_fits, check_windows_protected, mean_interval
 from .param_checks import check_labels
 
@@ -158,7 +158,7 @@ def prefill_errors(prefill: SharedPrefill, params: Params) -> list[dict]:
     for key, scores in prefill.scores.items():
         label = key[1]
         for budget in params.budgets:
-            tokens = resolve_budget(budget, c)
+            tokens = checked_budget(budget, c, n_sink=params.n_sink, recent_window=params.recent_window)
             kept, _ = select_kept(scores, tokens, protect, num_kv_heads, params.head_mode,
                                   layout=prefill.layouts[key])  # (layers, H_kv, b)
             mask = torch.zeros(*kept.shape[:2], c, dtype=torch.bool, device=kept.device)

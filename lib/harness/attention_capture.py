@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from ..attention_hook import NAME, AttentionCallback, Capture, attending, install
+from ..validation import check_choice
 
 #: the registered name a capturing model runs under (the one hook's)
 CAPTURE = NAME
@@ -36,8 +37,7 @@ ATTENTION_PATHS = ("eager", "fused")
 def check_attention_path(path: str, scorers) -> None:
     """``"eager"`` captures full probabilities; ``"fused"`` runs scored attention and hands scorers only each key's
     attention mass (no N×N matrix). Raise if a scorer needs more than the chosen path gives."""
-    if path not in ATTENTION_PATHS:
-        raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {path!r}")
+    check_choice(path, ATTENTION_PATHS, "attention")
     if path == "fused":
         needy = [s.name for s in scorers if s.needs - {"key_mass"}]
         if needy:

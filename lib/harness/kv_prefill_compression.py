@@ -41,9 +41,9 @@ from transformers import DynamicCache
 
 from ..scorers.base import Scorer, get_scorer
 from ..selection import protected_mask, select_topk, to_kv_heads
-from ..validation import check_ids, check_protected_fits, check_scorer_window, checked_budget
+from ..validation import check_choice, check_ids, check_protected_fits, check_scorer_window, checked_budget
 from .attention_capture import check_attention_path
-from .kv_prefill import SharedPrefill, ScoringView, shared_prefill
+from .kv_prefill import ScoringView, SharedPrefill, shared_prefill
 
 HEAD_MODES = ("per_kv_head", "shared")
 
@@ -138,8 +138,7 @@ def select_kept(scores: torch.Tensor, budget_tokens: int, protect: torch.Tensor,
     ``(C,)`` is kept first, the rest by score. Returns ``(kept (layers, H_kv, budget) ascending, ranked (layers,
     H_kv or 1, C))``.
     """
-    if head_mode not in HEAD_MODES:
-        raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
+    check_choice(head_mode, HEAD_MODES, "head_mode")
     check_protected_fits(protect, budget_tokens)
     ranked = _ranking_heads(scores.float(), layout, num_kv_heads, head_mode)
     kept = select_topk(ranked, budget_tokens, protect.to(ranked.device))
@@ -268,8 +267,7 @@ def compress_prefill(
     """
     scorer = as_scorer(scorer)
     context_ids = check_ids(context_ids, "context_ids")
-    if head_mode not in HEAD_MODES:
-        raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
+    check_choice(head_mode, HEAD_MODES, "head_mode")
     context_len = context_ids.shape[1]
     budget_tokens = checked_budget(budget, context_len, n_sink=n_sink, recent_window=recent_window)
     check_attention_path(attention, [scorer])

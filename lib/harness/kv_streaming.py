@@ -41,6 +41,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..scorers.base import Scorer
+from ..validation import check_choice
 from .attention_capture import capture_attention, check_attention_path
 from .kv_eviction import LayerState, evict_layers, needs_attention, record_eviction
 from .roles import resolve_roles
@@ -128,8 +129,7 @@ def _check_stream_settings(total: int, docs: int, streams: Sequence[Stream], chu
                              f"({s.budget}) (stream {i})")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size!r}")
-    if head_mode not in HEAD_MODES:
-        raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
+    check_choice(head_mode, HEAD_MODES, "head_mode")
     if isinstance(evict_every, bool) or not isinstance(evict_every, int) or evict_every < 1:
         raise ValueError(f"evict_every must be an int ≥ 1, got {evict_every!r}")
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..selection import select_topk
+from ..validation import check_choice
 
 #: the reductions :func:`reduction_map` knows: drop by score, ToMe bipartite merging, VisionZip dominant + contextual
 METHODS = ("drop", "tome", "visionzip")
@@ -197,8 +198,7 @@ def reduction_map(method: str, budget: int, protected: torch.Tensor, *, scores: 
         ``dest (B, K)`` (output index, -1 dropped) and ``survives (B, K)`` bool, for :func:`merge_by_destination`
         with ``n_out = protected + budget``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice(method, METHODS, "method")
     b, k = protected.shape
     n_protected = int(protected[0].sum())
     if not bool((protected.sum(dim=1) == n_protected).all()):

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from ..scorers.base import Scorer
+from ..validation import check_pixels
 from .vit_attention import AttentionState, counting_tokens, run_block, using_vit_attention
-from .vit_model import check_pixels, vit_parts
+from .vit_model import vit_parts
 from .vit_pruning import VitPrefix
 from .vit_views import head_mean_scores
 

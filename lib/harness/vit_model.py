@@ -1,4 +1,5 @@
-"""The parts of a Hugging Face ViT-like encoder the vision harness drives, argument checks, and a FLOPs estimate.
+"""The parts of a Hugging Face ViT-like encoder the vision harness drives, and a FLOPs estimate (the argument checks
+live in :mod:`salience.validation`).
 
 Works on any encoder whose blocks can be called as ``block(hidden, None)``: ``Dinov2Model`` (the embedded
 ``dinov2-s``), ``ViTModel``, ``CLIPVisionModel``, ``SiglipVisionModel`` (no [CLS]). The parts (embeddings, blocks,
@@ -13,8 +14,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from .token_merging import METHODS
 
 
 @dataclass
@@ -77,40 +76,6 @@ def vit_parts(model: nn.Module) -> VitParts:
     return VitParts(embeddings, list(blocks), final_norm, pre_norm, config)
 
 
-# ---------------------------------------------------------------------------------------------------- validation
-def check_keep(keep: float | int, n_patches: int | None = None) -> None:
-    """A kept share must be a ratio in (0, 1] (or, with ``n_patches``, a patch count in [1, n_patches])."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise ValueError(f"keep must be a ratio in (0, 1] or a patch count, got {keep!r}")
-    if isinstance(keep, float):
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep ratio must lie in (0, 1], got {keep}")
-    elif keep < 1 or (n_patches is not None and keep > n_patches):
-        raise ValueError(f"keep as a patch count must lie in [1, {n_patches or 'number of patches'}] (a ratio in "
-                         f"(0, 1] otherwise), got {keep}")
-
-
-def check_layer(layer: int, depth: int) -> None:
-    """Reduction happens after block ``layer``; at least one block must run on the reduced tokens."""
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= depth - 1:
-        raise ValueError(f"pruning layer must be an integer in [1, {depth - 1}] for this {depth}-layer model "
-                         f"(reduce after block l, blocks l+1..{depth} run on the kept tokens), got {layer!r}")
-
-
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-
-
-def check_pixels(pixel_values, patch: int) -> None:
-    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
-        got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
-        raise ValueError(f"pixel_values must be a (B, C, H, W) tensor, got {got}")
-    h, w = pixel_values.shape[-2:]
-    if h % patch or w % patch:
-        raise ValueError(f"image size {h}x{w} must be a multiple of the patch size {patch}")
-
-
 # ------------------------------------------------------------------------------------------------------- FLOPs
 def mlp_macs_per_token(config) -> int:
     """Multiply-accumulates of one token through one block's MLP, from the config (SwiGLU for DINOv2-g style)."""
@@ -138,5 +103,4 @@ def estimate_flops(config, tokens_per_layer: Sequence[int], n_patches: int) -> f
     return embed + sum(block_flops(config, n) for n in tokens_per_layer)
 
 
-__all__ = ["VitParts", "block_flops", "check_keep", "check_layer", "check_method", "check_pixels", "estimate_flops",
-           "mlp_macs_per_token", "vit_parts"]
+__all__ = ["VitParts", "block_flops", "estimate_flops", "mlp_macs_per_token", "vit_parts"]

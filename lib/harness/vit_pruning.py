@@ -25,6 +25,7 @@ from torch import nn
 
 from ..scorers.base import Scorer
 from ..selection import resolve_budget
+from ..validation import check_choice, check_keep, check_layer, check_pixels
 from .token_merging import CONTEXTUAL, METHODS, merge_by_destination, reduction_map
 from .vit_attention import (
     ATTENTION,
@@ -34,17 +35,7 @@ from .vit_attention import (
     run_block,
     using_vit_attention,
 )
-from .vit_model import (
-    VitParts,
-    block_flops,
-    check_keep,
-    check_layer,
-    check_method,
-    check_pixels,
-    estimate_flops,
-    mlp_macs_per_token,
-    vit_parts,
-)
+from .vit_model import VitParts, block_flops, estimate_flops, mlp_macs_per_token, vit_parts
 from .vit_views import build_view, head_mean_scores, replicate_seed
 
 
@@ -254,7 +245,7 @@ def reduce_and_finish(model: nn.Module, prefix: VitPrefix, scorer: Scorer | None
             cache); the scorer is then used only for later stages.
     """
     parts = vit_parts(model)
-    check_method(method)
+    check_choice(method, METHODS, "method")
     check_keep(keep, prefix.n_patches)
     if not 0.0 <= contextual < 1.0:
         raise ValueError(f"contextual must lie in [0, 1), got {contextual}")
@@ -353,7 +344,7 @@ def vit_forward(model: nn.Module, pixel_values: torch.Tensor) -> VitResult:
 def prune_vit(model: nn.Module, pixel_values: torch.Tensor, scorer: Scorer | None, keep: float | int, layer: int,
               method: str = "drop", **kwargs) -> VitResult:
     """One call: validate everything first, then :func:`vit_prefix` + :func:`reduce_and_finish`."""
-    check_method(method)
+    check_choice(method, METHODS, "method")
     check_keep(keep)
     check_layer(layer, vit_parts(model).depth)
     return reduce_and_finish(model, vit_prefix(model, pixel_values, layer, needs=scorer), scorer, keep, method,
@@ -369,9 +360,6 @@ __all__ = [
     "VitResult",
     "block_flops",
     "build_view",
-    "check_keep",
-    "check_layer",
-    "check_method",
     "estimate_flops",
     "expected_tokens_per_layer",
     "head_mean_scores",

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import networkx as nx
 import torch
 
+from ..validation import check_choice
 from .base import AttentionView, Scorer, register
-from .explanation_common import HEAD_FUSIONS, QUERIES, check_choice, explained_index, fuse_heads
+from .explanation_common import HEAD_FUSIONS, QUERIES, explained_index, fuse_heads
 from .vision_common import all_layers
 
 #: default longest input: one max-flow per input token over a graph of L·K² edges is slow in pure Python

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import check_choice
 from .base import AttentionView, Scorer, register
 from .explanation_common import explained_index
 from .vision_common import all_layers, cls_mask
@@ -47,12 +48,10 @@ class AttentionRollout(Scorer):
     query: str = "cls_or_mean"
 
     def __post_init__(self) -> None:
-        if self.query not in ROLLOUT_QUERIES:
-            raise ValueError(f"query must be one of {ROLLOUT_QUERIES}, got {self.query!r}")
+        check_choice(self.query, ROLLOUT_QUERIES, "query")
         if not 0.0 <= self.residual < 1.0:
             raise ValueError(f"residual must lie in [0, 1), got {self.residual}")
-        if self.head_fusion not in HEAD_FUSIONS:
-            raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {self.head_fusion!r}")
+        check_choice(self.head_fusion, HEAD_FUSIONS, "head_fusion")
         if self.start_layer < 0:
             raise ValueError(f"start_layer must be ≥ 0, got {self.start_layer}")
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import check_choice
 from .attribution_target import require_attention_weights
 from .base import AttentionView, Scorer, register
-from .explanation_common import QUERIES, check_choice, explained_row, require_target
+from .explanation_common import QUERIES, explained_row, require_target
 
 
 @register

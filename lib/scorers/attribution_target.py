@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ..validation import check_choice
 from .base import AttentionView
 
 #: what the default readout takes of the predicted class's (or next token's) logit
@@ -104,8 +105,7 @@ class AttributionTarget:
     embeddings: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
+        check_choice(self.output, OUTPUTS, "output")
         with torch.no_grad():
             self.embeddings = self.embed(self.input_ids).detach()
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from ..validation import check_choice
+
 if TYPE_CHECKING:
     from .attribution_target import AttributionTarget
 
@@ -127,8 +129,7 @@ def resolved_head_layout(layout: str, view: AttentionView) -> str:
     """``layout`` made concrete for ``view``: ``"view"`` becomes ``"query"`` when the view carries attention or key
     mass (its rows follow their heads), ``"kv"`` when it carries keys or values, ``"shared"`` otherwise (hidden states,
     an attribution target: one row); the other layouts stay as they are."""
-    if layout not in HEAD_LAYOUTS:
-        raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {layout!r}")
+    check_choice(layout, HEAD_LAYOUTS, "head_layout")
     if layout != "view":
         return layout
     if view.attention is not None or view.key_mass is not None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import check_choice
 from .base import AttentionView, Scorer, register
 from .vision_common import FEATURES, cls_mask, cosine_similarity, token_features
 
@@ -41,10 +42,8 @@ class Dart(Scorer):
     def __post_init__(self) -> None:
         if isinstance(self.n_pivots, bool) or not isinstance(self.n_pivots, int) or self.n_pivots < 1:
             raise ValueError(f"n_pivots must be an int ≥ 1, got {self.n_pivots!r}")
-        if self.feature not in FEATURES:
-            raise ValueError(f"feature must be one of {FEATURES}, got {self.feature!r}")
-        if self.pivot_rule not in PIVOT_RULES:
-            raise ValueError(f"pivot_rule must be one of {PIVOT_RULES}, got {self.pivot_rule!r}")
+        check_choice(self.feature, FEATURES, "feature")
+        check_choice(self.pivot_rule, PIVOT_RULES, "pivot_rule")
         self.needs = frozenset({self.feature})
         self.stochastic = self.pivot_rule == "random"
 

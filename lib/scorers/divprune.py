@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import check_choice
 from .base import AttentionView, Scorer, register
 from .vision_common import (
     FEATURES,
@@ -50,10 +51,8 @@ class DivPrune(Scorer):
     metric: str = "cosine"
 
     def __post_init__(self) -> None:
-        if self.feature not in FEATURES:
-            raise ValueError(f"feature must be one of {FEATURES}, got {self.feature!r}")
-        if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        check_choice(self.feature, FEATURES, "feature")
+        check_choice(self.metric, METRICS, "metric")
         self.needs = frozenset({self.feature})
 
     def score(self, view: AttentionView) -> torch.Tensor:

@@ -20,11 +20,6 @@ HEAD_FUSIONS = ("mean", "max", "min")
 REDUCTIONS = ("sum", "l2")
 
 
-def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
-
-
 def fuse_heads(attention: torch.Tensor, how: str) -> torch.Tensor:
     """``(B, H, …)`` → ``(B, …)`` by mean, max or min over heads."""
     attention = attention.float()

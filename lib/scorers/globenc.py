@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..validation import check_choice
 from .attribution_target import AttributionTarget, require_attention_weights
 from .base import AttentionView, Scorer, register
-from .explanation_common import QUERIES, check_choice, explained_index, require_target
+from .explanation_common import QUERIES, explained_index, require_target
 
 #: block layouts the decomposition knows: BERT / all-MiniLM (attention → +x → LayerNorm) and Llama / SmolLM2
 #: (RMSNorm → attention → +x)

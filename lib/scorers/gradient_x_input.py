@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from captum.attr import InputXGradient
 
+from ..validation import check_choice
 from .base import AttentionView, Scorer, register
-from .explanation_common import REDUCTIONS, check_choice, reduce_embedding_dim, require_target
+from .explanation_common import REDUCTIONS, reduce_embedding_dim, require_target
 
 
 @register

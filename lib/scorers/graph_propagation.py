@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import check_choice
 from .attention_pagerank import check_walk
 from .base import AttentionView, Scorer, register
 from .vision_common import FEATURES, cls_mask, cls_rows, cosine_similarity, layer_attention, token_features
@@ -44,10 +45,8 @@ class GraphPropagation(Scorer):
 
     def __post_init__(self) -> None:
         check_walk(self.damping, self.tol, self.max_iter)
-        if self.feature not in FEATURES:
-            raise ValueError(f"feature must be one of {FEATURES}, got {self.feature!r}")
-        if self.prior not in PRIORS:
-            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        check_choice(self.feature, FEATURES, "feature")
+        check_choice(self.prior, PRIORS, "prior")
         self.needs = frozenset({self.feature} | ({"attention"} if self.prior == "cls_attention" else set()))
 
     def score(self, view: AttentionView) -> torch.Tensor:

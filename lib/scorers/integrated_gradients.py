@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 from captum.attr import IntegratedGradients as CaptumIntegratedGradients
 
+from ..validation import check_choice
 from .base import AttentionView, Scorer, register
-from .explanation_common import REDUCTIONS, check_choice, reduce_embedding_dim, require_target
+from .explanation_common import REDUCTIONS, reduce_embedding_dim, require_target
 
 BASELINES = ("zeros", "token")
 #: captum's quadrature rules for the path integral

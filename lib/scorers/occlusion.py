@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 from captum.attr import FeatureAblation
 
+from ..validation import check_choice
 from .attribution_target import AttributionTarget
 from .base import AttentionView, Scorer, register
-from .explanation_common import check_choice, require_target
+from .explanation_common import require_target
 
 #: ``token``: token k's embedding replaced by the target's baseline token (``[MASK]``, pad); ``zeros``: by the zero
 #: vector; ``remove``: token k deleted (the sequence one shorter, later tokens shift left)

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import check_choice
 from .base import AttentionView, Scorer, register
-from .explanation_common import HEAD_FUSIONS, QUERIES, check_choice, explained_row, fuse_heads
+from .explanation_common import HEAD_FUSIONS, QUERIES, explained_row, fuse_heads
 from .vision_common import layer_attention
 
 

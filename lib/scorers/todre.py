@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import check_choice
 from .base import AttentionView, Scorer, register
 from .divprune import METRICS, pairwise_distance
 from .vision_common import (
@@ -55,10 +56,9 @@ class ToDRE(Scorer):
     def __post_init__(self) -> None:
         if not self.relevance_weight >= 0:
             raise ValueError(f"relevance_weight must be ≥ 0, got {self.relevance_weight}")
-        for value, allowed, what in ((self.relevance, RELEVANCES, "relevance"), (self.feature, FEATURES, "feature"),
-                                     (self.metric, METRICS, "metric")):
-            if value not in allowed:
-                raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
+        check_choice(self.relevance, RELEVANCES, "relevance")
+        check_choice(self.feature, FEATURES, "feature")
+        check_choice(self.metric, METRICS, "metric")
         reads = {"cls_attention": {"attention"}, "cls_similarity": {"hidden"}, "none": set()}[self.relevance]
         self.needs = frozenset({self.feature} | reads)
 
