@@ -18,6 +18,7 @@ from typing import Annotated, Any, ClassVar
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .evidence import PartRule, PartSpec, check_part_rules
 from .paths import params_dir
 
 DEFAULT_SET = "default"
@@ -35,9 +36,17 @@ class NotebookParams(BaseModel):
 
     #: the notebook (file stem under notebooks/) these parameters belong to
     notebook: ClassVar[str] = ""
+    #: the notebook's judged claim parts (its experiment module's ``PartSpec`` s): a ``parts`` field must hold a rule
+    #: for exactly their ids (checked here once for every notebook)
+    judged: ClassVar[tuple[PartSpec, ...]] = ()
 
     seed: int = Field(description="seed of every random choice (data subsets, random scorers, bootstrap)")
     device: str = Field(description="cpu, cuda, cuda:N or mps")
+
+    @field_validator("parts", check_fields=False)
+    @classmethod
+    def _part_ids(cls, rules: dict[str, PartRule]) -> dict[str, PartRule]:
+        return check_part_rules(rules, cls.judged)
 
     @model_validator(mode="before")
     @classmethod

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 
 from .harness.whisper_pruning import PROMPT
 
@@ -57,11 +58,18 @@ def predicting_rows(n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cross_attention_maps(model, features: torch.Tensor, tokens: list[int], speech_frames: int) -> np.ndarray:
+def cross_attention_maps(model, features: torch.Tensor, tokens: list[int], speech_frames: int,
+                         encoder_hidden: torch.Tensor | None = None) -> np.ndarray:
     """``(layers, heads, n, F)`` float64: the cross-attention of the rows predicting each generated token over the
-    first ``F = speech_frames`` encoder frames, from one teacher-forced pass (eager attention)."""
+    first ``F = speech_frames`` encoder frames, from one teacher-forced pass (eager attention). ``encoder_hidden``:
+    the encoder's output for ``features`` when the caller has it (the encoder, Whisper's costly half, then does not
+    run again)."""
     ids = decoder_ids(tokens).to(features.device)
-    out = model(input_features=features, decoder_input_ids=ids, output_attentions=True)
+    if encoder_hidden is None:
+        out = model(input_features=features, decoder_input_ids=ids, output_attentions=True)
+    else:
+        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden), decoder_input_ids=ids,
+                    output_attentions=True)
     rows = predicting_rows(len(tokens)).to(features.device)
     maps = torch.stack([a[0][:, rows, :speech_frames] for a in out.cross_attentions])  # (L, H, n, F)
     return maps.double().cpu().numpy()
@@ -78,8 +86,6 @@ def saliency_maps(model, features: torch.Tensor, tokens: list[int], speech_frame
     (``is_grads_batched``). captum's ``InputXGradient`` gives the same numbers with a forward and backward pass of
     the whole model per token: 94 s against 51 s here for 3 utterances (56 tokens) of Whisper tiny.en on 2 cores,
     whose 30 s encoder dominates (tests check the result against per-token autograd)."""
-    from transformers.modeling_outputs import BaseModelOutput
-
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     device = features.device

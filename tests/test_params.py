@@ -36,6 +36,27 @@ def test_one_line_errors(values, needle):
     assert needle in msg and "\n" not in msg and msg.startswith("params/x.yaml: ")
 
 
+def test_claim_parts_are_checked_once_for_every_notebook():
+    """The base class checks ``parts`` against each notebook's ``judged`` specs: a wrong id is one clear error, and
+    every notebook with claim parts declares its specs (an empty ``judged`` would refuse every set)."""
+    import importlib
+    import pkgutil
+
+    import salience.experiments as experiments
+    from salience.params import NotebookParams
+
+    with pytest.raises(ParamsError, match="claim parts in the parameters must be exactly"):
+        validate_params(Params, _on_defaults({"parts": {"no_such_part": {"direction": "better", "smallest_effect": 0.1}}}), "params/x.yaml")
+    with_parts = []
+    for info in pkgutil.iter_modules(experiments.__path__):
+        module = importlib.import_module(f"salience.experiments.{info.name}")
+        params = getattr(module, "Params", None)
+        if isinstance(params, type) and issubclass(params, NotebookParams) and "parts" in params.model_fields:
+            with_parts.append(info.name)
+            assert params.judged, f"{info.name}.Params has claim parts but no judged specs"
+    assert len(with_parts) >= 15, with_parts
+
+
 def test_every_shipped_parameter_set_validates():
     for name in param_sets(NB):
         load_params(NB, name)

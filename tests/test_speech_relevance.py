@@ -58,6 +58,10 @@ def test_cross_attention_rows_are_the_predicting_rows(tiny_whisper):
     with torch.no_grad():
         out = tiny_whisper(input_features=features, decoder_input_ids=ids, output_attentions=True)
     np.testing.assert_allclose(maps[1, 0, 2], out.cross_attentions[1][0, 0, predicting_rows(3)[2], :50].double())
+    # handing over the encoder's output (the encoder not run again) gives the same maps, bit for bit
+    with torch.no_grad():
+        hidden = tiny_whisper.model.encoder(features).last_hidden_state
+    np.testing.assert_array_equal(cross_attention_maps(tiny_whisper, features, tokens, 50, encoder_hidden=hidden), maps)
 
 
 def test_batched_saliency_is_each_tokens_own_gradient(tiny_whisper):

@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 from tqdm import tqdm
 
 from .. import centrality, evidence
@@ -87,10 +87,7 @@ class Params(NotebookParams):
     attention_window: int = Field(ge=16, le=8192, description="tokens per window of the attention graph")
     parts: dict[str, evidence.PartRule] = Field(description="direction and smallest effect δ of each judged part")
 
-    @field_validator("parts")
-    @classmethod
-    def _part_ids(cls, rules: dict[str, evidence.PartRule]) -> dict[str, evidence.PartRule]:
-        return evidence.check_part_rules(rules, JUDGED)
+    judged = JUDGED
 
     @model_validator(mode="after")
     def _consistent(self) -> "Params":

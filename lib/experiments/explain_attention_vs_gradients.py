@@ -16,7 +16,7 @@ import dataclasses
 from typing import Literal
 
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from .. import evidence
 from . import explain_common as common
@@ -70,10 +70,7 @@ class Params(common.ExplanationParams):
     agreement_bound: float = Field(gt=-1, lt=1, description="agreement below this is 'low' (the disagreement parts)")
     parts: dict[str, evidence.PartRule] = Field(description="direction and smallest effect δ of each judged part")
 
-    @field_validator("parts")
-    @classmethod
-    def _part_ids(cls, rules: dict[str, evidence.PartRule]) -> dict[str, evidence.PartRule]:
-        return evidence.check_part_rules(rules, JUDGED)
+    judged = JUDGED
 
 
 # --------------------------------------------------------------------------------------------- data and targets

@@ -26,7 +26,30 @@ TASK_TEXT = {"classifier": "the classifier", "lm": "the language model"}
 Task = Literal["classifier", "lm"]
 
 
-class ExplanationParams(NotebookParams):
+class AopcParams(NotebookParams):
+    """The faithfulness settings (ERASER AOPC bins and replacements) of every notebook that perturbs inputs."""
+
+    fractions: list[float] = Field(min_length=1, description="shares of tokens of the AOPC bins (ERASER's: 1-50%)")
+    replacements: list[Literal["mask", "remove"]] = Field(
+        min_length=1, description="how a perturbed token is treated: the baseline token in its place, or deleted")
+    judged_replacement: Literal["mask", "remove"] = Field(description="replacement the parts judge")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        return list(faithfulness.check_fractions(value))
+
+    @model_validator(mode="after")
+    def _judged_replacement_is_run(self) -> "AopcParams":
+        if self.judged_replacement not in self.replacements:
+            raise ValueError(f"judged_replacement {self.judged_replacement!r} must be one of replacements "
+                             f"{self.replacements}")
+        if len(set(self.replacements)) != len(self.replacements):
+            raise ValueError(f"replacements repeat: {self.replacements}")
+        return self
+
+
+class ExplanationParams(AopcParams):
     """The classifier and LM tasks, faithfulness (ERASER AOPC) and agreement settings every explanation notebook
     shares."""
 
@@ -50,33 +73,19 @@ class ExplanationParams(NotebookParams):
     lm_output: Literal["probability", "log_probability", "logit"] = Field(
         description="what of the gold next token the LM's attributions explain")
     lm_baseline_token: str = Field(description="mask token of the LM (replacement and IG baseline)")
-    fractions: list[float] = Field(min_length=1, description="shares of tokens of the AOPC bins (ERASER's: 1-50%)")
-    replacements: list[Literal["mask", "remove"]] = Field(
-        min_length=1, description="how a perturbed token is treated: the baseline token in its place, or deleted")
-    judged_replacement: Literal["mask", "remove"] = Field(description="replacement the parts judge")
     attention_layer: int = Field(description="layer of raw attention and attention × gradient (-1: last)")
     flow_max_tokens: int = Field(ge=2, le=64, description="attention flow only on texts with at most this many tokens")
     flow_tasks: list[Task] = Field(
         description="tasks given attention flow (one max-flow per token over every layer: slow on deep models)")
     agreement: Literal["spearman", "kendall"] = Field(description="rank agreement between two methods, per text")
 
-    @field_validator("fractions")
-    @classmethod
-    def _fractions(cls, value: list[float]) -> list[float]:
-        return list(faithfulness.check_fractions(value))
-
     @model_validator(mode="after")
     def _consistent_tasks(self) -> "ExplanationParams":
-        if self.judged_replacement not in self.replacements:
-            raise ValueError(f"judged_replacement {self.judged_replacement!r} must be one of replacements "
-                             f"{self.replacements}")
         if self.classifier_min_tokens > self.classifier_max_tokens:
             raise ValueError(f"classifier_min_tokens ({self.classifier_min_tokens}) > classifier_max_tokens "
                              f"({self.classifier_max_tokens})")
         if self.lm_min_tokens > self.lm_max_tokens:
             raise ValueError(f"lm_min_tokens ({self.lm_min_tokens}) > lm_max_tokens ({self.lm_max_tokens})")
-        if len(set(self.replacements)) != len(self.replacements):
-            raise ValueError(f"replacements repeat: {self.replacements}")
         return self
 
 

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from .. import evidence, faithfulness, kv_tasks
@@ -28,7 +28,7 @@ from ..kv_tasks import BASELINE, ORACLE
 from ..scorers import get_scorer
 from ..scorers.attribution_target import explanation_view
 from ..scorers.spec import ScorerList, build_scorers
-from .explain_common import mean_interval
+from .explain_common import AopcParams, mean_interval
 from .kv_params import BudgetRatios, KVParams, check_protection_fits, check_windows_protected
 from .param_checks import check_labels
 
@@ -58,7 +58,7 @@ PART_SPECS = (
 )
 
 
-class Params(KVParams):
+class Params(KVParams, AopcParams):
     """Parameters of ``explain-eviction-scores``; defaults in ``params/explain-eviction-scores.yaml``."""
 
     notebook = "explain-eviction-scores"
@@ -75,21 +75,9 @@ class Params(KVParams):
     aggregate: Literal["rank_mean", "score_mean"] = Field(
         description="how a scorer's per-layer, per-head scores become one score per token")
     baseline_token: str = Field(description="token a masked context token becomes")
-    fractions: list[float] = Field(min_length=1, description="shares of the ranked tokens of the AOPC bins")
-    replacements: list[Literal["mask", "remove"]] = Field(
-        min_length=1, description="how a perturbed token is treated: the baseline token in its place, or deleted")
-    judged_replacement: Literal["mask", "remove"] = Field(description="replacement the parts judge")
     parts: dict[str, evidence.PartRule] = Field(description="direction and smallest effect δ of each judged part")
 
-    @field_validator("parts")
-    @classmethod
-    def _part_ids(cls, rules: dict[str, evidence.PartRule]) -> dict[str, evidence.PartRule]:
-        return evidence.check_part_rules(rules, PART_SPECS)
-
-    @field_validator("fractions")
-    @classmethod
-    def _fractions(cls, value: list[float]) -> list[float]:
-        return list(faithfulness.check_fractions(value))
+    judged = PART_SPECS
 
     @model_validator(mode="after")
     def _consistent(self) -> "Params":
@@ -99,11 +87,6 @@ class Params(KVParams):
             raise ValueError(f"random_label {self.random_label!r} must be one of the controls {self.controls}")
         if len(attention_labels(self)) < 2:
             raise ValueError("scorers must hold at least two attention-based entries besides the controls")
-        if self.judged_replacement not in self.replacements:
-            raise ValueError(f"judged_replacement {self.judged_replacement!r} must be one of replacements "
-                             f"{self.replacements}")
-        if len(set(self.replacements)) != len(self.replacements):
-            raise ValueError(f"replacements repeat: {self.replacements}")
         check_windows_protected(self.scorers, self.recent_window)
         check_protection_fits(self.budgets, self.context_tokens, self.n_sink, self.recent_window)
         return self

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import pandas as pd
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from .. import evidence
 from . import explain_common as common
@@ -58,10 +58,7 @@ class Params(common.ExplanationParams):
                                                            "mixed into each layer's attention, as Abnar and Zuidema")
     parts: dict[str, evidence.PartRule] = Field(description="direction and smallest effect δ of each judged part")
 
-    @field_validator("parts")
-    @classmethod
-    def _part_ids(cls, rules: dict[str, evidence.PartRule]) -> dict[str, evidence.PartRule]:
-        return evidence.check_part_rules(rules, JUDGED)
+    judged = JUDGED
 
     @model_validator(mode="after")
     def _flow_everywhere(self) -> "Params":

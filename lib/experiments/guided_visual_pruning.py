@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from .. import evidence
@@ -75,10 +75,7 @@ class Params(NotebookParams):
                                     "these settings (path from the repository root)")
     parts: dict[str, evidence.PartRule] = Field(description="direction and smallest effect δ of each judged part")
 
-    @field_validator("parts")
-    @classmethod
-    def _part_ids(cls, rules: dict[str, evidence.PartRule]) -> dict[str, evidence.PartRule]:
-        return evidence.check_part_rules(rules, JUDGED)
+    judged = JUDGED
 
     @model_validator(mode="after")
     def _consistent(self) -> "Params":

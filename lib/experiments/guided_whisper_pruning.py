@@ -26,10 +26,9 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from .. import evidence
-from ..data.speech import speech_sentences, synthesize
 from ..harness import whisper_pruning as wp
-from ..params import ModelName, NotebookParams
 from ..seeding import unit_seed
+from .speech_params import SpeechParams, load_speech  # noqa: F401 (the notebook calls exp.load_speech)
 
 TITLE = "Text-guided pruning of Whisper's encoder frames: cross-attention vs self-attention, energy and uniform"
 PAPERS = ["fastv", "fastervlm", "whisper"]
@@ -57,18 +56,11 @@ JUDGED = (
 )
 
 
-class Params(NotebookParams):
+class Params(SpeechParams):
     """Parameters of ``guided-whisper-pruning``; the defaults live in ``params/guided-whisper-pruning.yaml``."""
 
     notebook = "guided-whisper-pruning"
 
-    model: ModelName = Field(description="speech-to-text model (an English-only Whisper checkpoint)")
-    utterances: int = Field(ge=2, le=500, description="sentences spoken and transcribed (the units of every part)")
-    min_words: int = Field(ge=1, le=60, description="a sentence has at least this many words")
-    max_words: int = Field(ge=1, le=60, description="a sentence has at most this many words")
-    voice: str = Field(pattern=r"^[A-Za-z0-9+_-]+$", description="espeak-ng voice (-v)")
-    speed: int = Field(ge=80, le=450, description="espeak-ng speed in words per minute (-s)")
-    pitch: int = Field(ge=0, le=99, description="espeak-ng pitch (-p)")
     kept_shares: list[float] = Field(min_length=1, description="shares of the 1500 encoder frames kept, each in (0, 1]")
     judged_max_share: float = Field(gt=0, le=1, description="the parts average WER over the kept shares at or below this")
     guide_steps: int = Field(ge=1, le=32, description="m: decoding steps whose cross-attention scores the frames")
@@ -89,15 +81,10 @@ class Params(NotebookParams):
             raise ValueError(f"kept shares must be distinct, got {shares}")
         return sorted(shares, reverse=True)
 
-    @field_validator("parts")
-    @classmethod
-    def _part_ids(cls, rules: dict[str, evidence.PartRule]) -> dict[str, evidence.PartRule]:
-        return evidence.check_part_rules(rules, JUDGED)
+    judged = JUDGED
 
     @model_validator(mode="after")
     def _consistent(self) -> "Params":
-        if self.min_words > self.max_words:
-            raise ValueError(f"min_words ({self.min_words}) > max_words ({self.max_words})")
         if not self.judged_shares:
             raise ValueError(f"no kept share <= judged_max_share ({self.judged_max_share}) in {self.kept_shares}")
         if self.timing_utterances > self.utterances:
@@ -110,15 +97,6 @@ class Params(NotebookParams):
 
 
 # --------------------------------------------------------------------------------------------- data and WER
-def load_speech(params: Params) -> list[dict]:
-    """The sentences and their 16 kHz mono waveforms: one dict (text, audio, words, seconds, speech_frames) each."""
-    texts = speech_sentences(params.utterances, params.seed, params.min_words, params.max_words)
-    audios = synthesize(texts, voice=params.voice, speed=params.speed, pitch=params.pitch)
-    return [dict(text=t, audio=wp.check_audio(a, wp.SAMPLING_RATE), words=len(t.split()),
-                 seconds=a.size / wp.SAMPLING_RATE, speech_frames=wp.speech_frames(a.size))
-            for t, a in zip(texts, audios)]
-
-
 def normalize(text: str) -> str:
     """WER normalisation: lower-case, hyphens and slashes to spaces, every other non-letter/digit character
     (punctuation, apostrophes) removed, white space collapsed."""

@@ -111,10 +111,7 @@ class Params(NotebookParams):
     def _cpu_or_cuda(cls, value: str) -> str:
         return check_device(value)
 
-    @field_validator("parts")
-    @classmethod
-    def _part_ids(cls, rules: dict[str, evidence.PartRule]) -> dict[str, evidence.PartRule]:
-        return evidence.check_part_rules(rules, JUDGED)
+    judged = JUDGED
 
     @model_validator(mode="after")
     def _consistent(self) -> "Params":

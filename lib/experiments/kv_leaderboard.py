@@ -35,10 +35,10 @@ import math
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from .. import kv_tasks
-from ..evidence import Claim, PartRule, PartSpec, check_part_rules, fmt_interval, judge, paired_interval
+from ..evidence import Claim, PartRule, PartSpec, fmt_interval, judge, paired_interval
 from ..kv_passkey import solvable_runs
 from ..kv_tasks import BASELINE, ORACLE, area_under_budget_curve
 from ..metrics import LOG_PERPLEXITY_AUC, Metric
@@ -101,10 +101,7 @@ class Params(PasskeyParams):
     n_documents: int = Field(ge=2, le=1000, description="Wikipedia continuations (units of the continuation parts)")
     parts: dict[str, PartRule] = Field(description="direction and smallest effect of each claim part")
 
-    @field_validator("parts")
-    @classmethod
-    def _parts(cls, parts: dict[str, PartRule]) -> dict[str, PartRule]:
-        return check_part_rules(parts, PART_SPECS)
+    judged = PART_SPECS
 
     @model_validator(mode="after")
     def _fits(self) -> "Params":

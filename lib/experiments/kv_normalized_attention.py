@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
-from ..evidence import (Claim, PartRule, PartSpec, check_part_rules, fmt_interval, judge, judge_one_sample,
+from ..evidence import (Claim, PartRule, PartSpec, fmt_interval, judge, judge_one_sample,
                         paired_interval)
 from ..kv_tasks import area_under_budget_curve, continuation_runs
 from ..metrics import LOG_PERPLEXITY_AUC, area_under_curve
@@ -95,10 +95,7 @@ class Params(StreamingParams):
             raise ValueError(f"every budget must be a ratio in (0, 1) (the full cache is always included), got {bad}")
         return sorted(set(budgets))
 
-    @field_validator("parts")
-    @classmethod
-    def _parts(cls, parts: dict[str, PartRule]) -> dict[str, PartRule]:
-        return check_part_rules(parts, PART_SPECS)
+    judged = PART_SPECS
 
     @field_validator("approximations")
     @classmethod

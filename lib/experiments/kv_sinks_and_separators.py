@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..evidence import Claim, PartRule, PartSpec, check_part_rules, judge, judge_one_sample
+from ..evidence import Claim, PartRule, PartSpec, judge, judge_one_sample
 from ..scorers import separator_mask
 from ..scorers.spec import ScorerSpec
 from .kv_streaming_common import FULL, Row, StreamingParams, StreamRun, run_streams, stable_seed
@@ -93,10 +93,7 @@ class Params(StreamingParams):
     def _sorted_unique(cls, values: list[int]) -> list[int]:
         return sorted(set(values))
 
-    @field_validator("parts")
-    @classmethod
-    def _parts(cls, parts: dict[str, PartRule]) -> dict[str, PartRule]:
-        return check_part_rules(parts, PART_SPECS)
+    judged = PART_SPECS
 
     @model_validator(mode="after")
     def _fits(self) -> "Params":

@@ -26,7 +26,7 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from .. import kv_tasks
-from ..evidence import Claim, PartRule, PartSpec, check_part_rules, judge
+from ..evidence import Claim, PartRule, PartSpec, judge
 from ..kv_passkey import MODES
 from ..kv_tasks import BASELINE, ORACLE
 from ..scorers import get_scorer
@@ -71,10 +71,7 @@ class Params(PasskeyParams):
     continuation_tokens: int = Field(ge=2, le=4096, description="tokens per continuation")
     parts: dict[str, PartRule] = Field(description="direction and smallest effect of each claim part")
 
-    @field_validator("parts")
-    @classmethod
-    def _parts(cls, parts: dict[str, PartRule]) -> dict[str, PartRule]:
-        return check_part_rules(parts, PART_SPECS)
+    judged = PART_SPECS
 
     @field_validator("kernel_sizes")
     @classmethod

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..evidence import Claim, PartRule, PartSpec, check_part_rules, fmt_interval, judge
+from ..evidence import Claim, PartRule, PartSpec, fmt_interval, judge
 from ..harness.kv_prefill import SharedPrefill
 from ..harness.kv_prefill_compression import context_protection, select_kept
 from ..kv_tasks import BASELINE, ORACLE, continuation_runs, wikipedia_continuations
@@ -72,10 +72,7 @@ class Params(KVParams):
     budgets: BudgetRatios = Field(description="kept-cache ratios of the context, in (0, 1)")
     parts: dict[str, PartRule] = Field(description="direction and smallest effect of each claim part")
 
-    @field_validator("parts")
-    @classmethod
-    def _parts(cls, parts: dict[str, PartRule]) -> dict[str, PartRule]:
-        return check_part_rules(parts, PART_SPECS)
+    judged = PART_SPECS
 
     @field_validator("pairs")
     @classmethod

@@ -12,15 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field
 from tqdm import tqdm
 
 from .. import evidence
 from ..harness import whisper_pruning as wp
-from ..params import ModelName, NotebookParams
 from ..seeding import unit_seed
 from ..speech_relevance import TokenMaps, cross_attention_maps, map_correlations, saliency_maps
-from .guided_whisper_pruning import load_speech  # noqa: F401 (the notebook calls exp.load_speech)
+from .speech_params import SpeechParams, load_speech  # noqa: F401 (the notebook calls exp.load_speech)
 
 TITLE = "Speech-to-text cross-attention vs input saliency: how much relevance does it show?"
 PAPERS = ["cross_attention_half", "whisper", "gradient_x_input"]
@@ -45,33 +44,17 @@ PART_SPECS = (
 )
 
 
-class Params(NotebookParams):
+class Params(SpeechParams):
     """Parameters of ``speech-cross-attention``; the defaults live in ``params/speech-cross-attention.yaml``."""
 
     notebook = "speech-cross-attention"
 
-    model: ModelName = Field(description="speech-to-text model (an English-only Whisper checkpoint)")
-    utterances: int = Field(ge=2, le=500, description="sentences spoken and explained (the units of every part)")
-    min_words: int = Field(ge=1, le=60, description="a sentence has at least this many words")
-    max_words: int = Field(ge=1, le=60, description="a sentence has at most this many words")
-    voice: str = Field(pattern=r"^[A-Za-z0-9+_-]+$", description="espeak-ng voice (-v)")
-    speed: int = Field(ge=80, le=450, description="espeak-ng speed in words per minute (-s)")
-    pitch: int = Field(ge=0, le=99, description="espeak-ng pitch (-p)")
     max_new_tokens: int = Field(ge=2, le=440, description="greedy decoding stops after this many tokens")
     saliency_chunk: int = Field(ge=1, le=64, description="tokens attributed per batched backward pass")
     partial_bound: float = Field(gt=0, le=1, description="'only part': the aggregated correlation lies below this")
     parts: dict[str, evidence.PartRule] = Field(description="direction and smallest effect δ of each judged part")
 
-    @field_validator("parts")
-    @classmethod
-    def _part_ids(cls, rules: dict[str, evidence.PartRule]) -> dict[str, evidence.PartRule]:
-        return evidence.check_part_rules(rules, PART_SPECS)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "Params":
-        if self.min_words > self.max_words:
-            raise ValueError(f"min_words ({self.min_words}) > max_words ({self.max_words})")
-        return self
+    judged = PART_SPECS
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -87,7 +70,7 @@ def explain(speech: list[dict], bundle, params: Params, progress: bool = True) -
             hidden = model.model.encoder(features).last_hidden_state
         tokens = wp.greedy_decode(model, hidden, params.max_new_tokens).tokens[0]
         frames = utt["speech_frames"]
-        token_maps = TokenMaps(tokens, cross_attention_maps(model, features, tokens, frames),
+        token_maps = TokenMaps(tokens, cross_attention_maps(model, features, tokens, frames, hidden),
                                saliency_maps(model, features, tokens, frames, chunk=params.saliency_chunk))
         maps.append(token_maps)
         text = processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()

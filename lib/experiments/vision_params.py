@@ -8,9 +8,9 @@ no field has a default value here: the defaults live in ``params/<notebook>.yaml
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .. import evidence
 from ..data import PHOTO_NAMES
@@ -84,14 +84,6 @@ class VisionParams(NotebookParams):
     random_replicates: int = Field(ge=1, le=20, description="seeds of every random entry (averaged per image)")
     keeps: KeepRatios = Field(description="kept shares of the patches, in (0, 1] (after the encoder)")
     parts: dict[str, evidence.PartRule] = Field(description="direction and smallest effect δ of each judged part")
-
-    #: the notebook's judged parts (its experiment module's PartSpecs); ``parts`` must hold exactly their ids
-    judged: ClassVar[tuple[evidence.PartSpec, ...]] = ()
-
-    @field_validator("parts")
-    @classmethod
-    def _parts(cls, rules):
-        return evidence.check_part_rules(rules, cls.judged)
 
 
 def check_keep_in(keep: float, keeps: Iterable[float], what: str) -> None:
