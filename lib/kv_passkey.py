@@ -231,15 +231,16 @@ def _passkey_unit(model, tokenizer, x: NeedleInputs, k, items, budgets, modes, o
                              tokenizer=tokenizer)
     needle = _needle_mask(c_len, x.needle_span, device)
     tokens = {b: checked_budget(b, c_len, n_sink=n_sink, recent_window=recent_window) for b in budgets}
+    # the oracle keeps the needle besides sinks and window: a budget it cannot hold is marked, not compressed
+    oracle_protected = int(context_protection(c_len, n_sink=n_sink, recent_window=recent_window, protect=needle,
+                                              device=device).sum())
     jobs = []
     for mode in modes:
         feed = taught if mode == "query-aware" else torch.cat([question, taught], dim=1)
         settings = dict(prefix_len=prefix_len[mode], head_mode=head_mode, n_sink=n_sink, recent_window=recent_window)
         if oracle:
             for budget in budgets:
-                protect = context_protection(c_len, n_sink=n_sink, recent_window=recent_window, protect=needle,
-                                             device=device)
-                fits = int(protect.sum()) <= tokens[budget]
+                fits = oracle_protected <= tokens[budget]
                 c = (compress_shared(prefill, ("future", ORACLE), tokens[budget], protect=needle,
                                      scorer_name=ORACLE, **settings) if fits else None)
                 jobs.append((mode, ORACLE, budget, c, feed))

@@ -61,7 +61,14 @@ def test_cross_attention_rows_are_the_predicting_rows(tiny_whisper):
     # handing over the encoder's output (the encoder not run again) gives the same maps, bit for bit
     with torch.no_grad():
         hidden = tiny_whisper.model.encoder(features).last_hidden_state
-    np.testing.assert_array_equal(cross_attention_maps(tiny_whisper, features, tokens, 50, encoder_hidden=hidden), maps)
+    calls = []
+    hook = tiny_whisper.model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        reused = cross_attention_maps(tiny_whisper, features, tokens, 50, encoder_hidden=hidden)
+    finally:
+        hook.remove()
+    assert not calls, "the encoder ran again although its output was handed over"
+    np.testing.assert_array_equal(reused, maps)
 
 
 def test_batched_saliency_is_each_tokens_own_gradient(tiny_whisper):

@@ -108,23 +108,6 @@ HEAD_LAYOUTS = ("query", "kv", "shared", "view")
 ATTENTION_ROWS = ("all", "cls")
 
 
-def expected_heads(layout: str, view: AttentionView) -> int | None:
-    """How many head rows a scorer of ``layout`` returns for ``view``; None when the view does not tell (a query-head
-    rule on a view without attention or key mass, a KV-head rule without keys or values)."""
-    if layout == "shared":
-        return 1
-    if layout == "view":
-        return view.batch_heads()[1]
-    if layout == "query":
-        layers = view.attention_layers[-1] if view.attention_layers else None
-        source = next((t for t in (view.attention, view.key_mass, layers) if t is not None), None)
-    elif layout == "kv":
-        source = view.keys if view.keys is not None else view.values
-    else:
-        raise ValueError(f"head_layout must be one of {HEAD_LAYOUTS}, got {layout!r}")
-    return None if source is None else int(source.shape[1])
-
-
 def resolved_head_layout(layout: str, view: AttentionView) -> str:
     """``layout`` made concrete for ``view``: ``"view"`` becomes ``"query"`` when the view carries attention or key
     mass (its rows follow their heads), ``"kv"`` when it carries keys or values, ``"shared"`` otherwise (hidden states,
@@ -137,6 +120,20 @@ def resolved_head_layout(layout: str, view: AttentionView) -> str:
     if view.keys is not None or view.values is not None:
         return "kv"
     return "shared"
+
+
+def expected_heads(layout: str, view: AttentionView) -> int | None:
+    """How many head rows a scorer of ``layout`` returns for ``view``; None when the view does not tell (a query-head
+    rule on a view without attention or key mass, a KV-head rule without keys or values)."""
+    layout = resolved_head_layout(layout, view)
+    if layout == "shared":
+        return 1
+    if layout == "query":
+        layers = view.attention_layers[-1] if view.attention_layers else None
+        source = next((t for t in (view.attention, view.key_mass, layers) if t is not None), None)
+    else:
+        source = view.keys if view.keys is not None else view.values
+    return None if source is None else int(source.shape[1])
 
 
 _REGISTRY: dict[str, type["Scorer"]] = {}
